@@ -1,0 +1,48 @@
+"""Norm-layer deltas (LyCORIS `NormModule`, `train_norm=True`): LayerNorm / GroupNorm affine parameters.
+
+File keys: `w_norm` (C,), `b_norm` (C,). W' = W + m·w_norm, b' = b + m·b_norm. No alpha.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from .base import Adapter, Tensor, f32
+
+
+@dataclass(frozen=True)
+class Norm(Adapter):
+    w_norm: Optional[Tensor] = None
+    b_norm: Optional[Tensor] = None
+
+    algo = "norm"
+    markers = frozenset({"w_norm", "b_norm"})
+    keys = markers
+    has_bias_delta = True
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], where: str = "") -> "Norm":
+        return cls(w_norm=tensors.get("w_norm"), b_norm=tensors.get("b_norm"))
+
+    def scale_for(self, alpha) -> float:
+        return 1.0
+
+    def out_features(self) -> int:
+        return (self.w_norm if self.w_norm is not None else self.b_norm).shape[0]
+
+    def numel(self) -> int:
+        return self.out_features()
+
+    def fits(self, shape: tuple) -> bool:
+        n = 1
+        for s in shape:
+            n *= s
+        return n == self.out_features()
+
+    def delta(self, base: Tensor) -> Optional[Tensor]:
+        if self.w_norm is None:
+            return None
+        return f32(self.w_norm, base.device).reshape(base.shape)
+
+    def bias_delta(self) -> Optional[Tensor]:
+        return self.b_norm

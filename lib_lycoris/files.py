@@ -1,0 +1,184 @@
+"""Reading network files: safetensors (header validated before any tensor is touched) and pickles
+only through `torch.load(weights_only=True)` (a pickle that needs code is refused, never run).
+
+`read_file(path) -> RawFile(tensors, metadata)`; `read_metadata(path)` reads the header alone (for the
+Networks tab). `addnet_hash` is the hash A1111 shows in `Lora hashes` (sha256 of the bytes after the
+safetensors header; the first 12 hex digits are the short hash).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+
+from .errors import NetworkFileError, UnsafeFileError
+
+log = logging.getLogger("lycoris")
+
+SAFETENSORS_EXT = (".safetensors",)
+PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
+NETWORK_EXT = SAFETENSORS_EXT + PICKLE_EXT
+
+# A header longer than this is not a network file (real headers are a few hundred KiB at most;
+# safetensors itself refuses headers over 100 MB).
+MAX_HEADER = 100_000_000
+
+# safetensors dtype names -> bytes per element
+_DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_FLOAT_OK = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class RawFile:
+    path: Path
+    tensors: dict
+    metadata: dict = field(default_factory=dict)
+    size: int = 0
+    mtime: float = 0.0
+
+
+def _read_header(path: Path, f) -> tuple:
+    """(header dict, data start offset); raises NetworkFileError on any inconsistency."""
+    size = os.fstat(f.fileno()).st_size
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise NetworkFileError("file too short to be safetensors (truncated?)", file=str(path))
+    (n,) = struct.unpack("<Q", raw)
+    if n == 0 or n > MAX_HEADER or n > size - 8:
+        raise NetworkFileError(f"safetensors header length {n} does not fit a {size}-byte file (truncated or "
+                               "not safetensors)", file=str(path))
+    try:
+        header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NetworkFileError(f"safetensors header is not valid JSON ({e})", file=str(path)) from e
+    if not isinstance(header, dict):
+        raise NetworkFileError("safetensors header is not a JSON object", file=str(path))
+    data_len = size - 8 - n
+    spans = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise NetworkFileError("__metadata__ must map strings to strings", file=str(path), key=key)
+            continue
+        if not isinstance(info, dict):
+            raise NetworkFileError("tensor entry is not an object", file=str(path), key=key)
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _DTYPE_SIZE:
+            raise NetworkFileError(f"unknown dtype {dtype!r}", file=str(path), key=key)
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise NetworkFileError(f"bad shape {shape!r}", file=str(path), key=key)
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+                and 0 <= offs[0] <= offs[1] <= data_len):
+            raise NetworkFileError(f"data offsets {offs!r} lie outside the {data_len}-byte data section "
+                                   "(truncated file?)", file=str(path), key=key)
+        numel = 1
+        for s in shape:
+            numel *= s
+        if offs[1] - offs[0] != numel * _DTYPE_SIZE[dtype]:
+            raise NetworkFileError(f"header says {dtype}{shape} ({numel * _DTYPE_SIZE[dtype]} bytes) but "
+                                   f"gives {offs[1] - offs[0]} bytes", file=str(path), key=key)
+        spans.append((offs[0], offs[1], key))
+    spans.sort()
+    for (a0, a1, ka), (b0, b1, kb) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise NetworkFileError(f"tensor data overlaps {ka!r}", file=str(path), key=kb)
+    return header, 8 + n
+
+
+def read_metadata(path: PathLike) -> dict:
+    """The `__metadata__` of a safetensors file (empty for pickles); header only, fast."""
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_EXT:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            header, _ = _read_header(path, f)
+    except OSError as e:
+        raise NetworkFileError(f"cannot read file: {e.strerror or e}", file=str(path)) from e
+    return dict(header.get("__metadata__", {}))
+
+
+def _load_safetensors(path: Path) -> tuple:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    with open(path, "rb") as f:
+        header, _ = _read_header(path, f)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, RuntimeError, ValueError) as e:
+        raise NetworkFileError(f"safetensors could not read the file ({e})", file=str(path)) from e
+    return tensors, dict(header.get("__metadata__", {}))
+
+
+def _load_pickle(path: Path) -> tuple:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeFileError("pickle refused: it needs code to load, which is never run (convert it to "
+                              f"safetensors with a tool you trust). Detail: {str(e).splitlines()[0]}",
+                              file=str(path)) from e
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise NetworkFileError(f"not a readable torch file ({str(e).splitlines()[0]})", file=str(path)) from e
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise NetworkFileError(f"holds a {type(obj).__name__}, not a dict of tensors", file=str(path))
+    tensors, metadata = {}, {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            tensors[str(k)] = v
+        elif isinstance(v, (str, int, float)):
+            metadata[str(k)] = str(v)
+        else:
+            raise NetworkFileError(f"entry is a {type(v).__name__}, not a tensor", file=str(path), key=str(k))
+    return tensors, metadata
+
+
+def read_file(path: PathLike) -> RawFile:
+    """All tensors (on the CPU, as stored) and the metadata of one network file."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise NetworkFileError(f"cannot open file: {e.strerror or e}", file=str(path)) from e
+    try:
+        if ext in SAFETENSORS_EXT:
+            tensors, metadata = _load_safetensors(path)
+        elif ext in PICKLE_EXT:
+            tensors, metadata = _load_pickle(path)
+        else:
+            raise NetworkFileError(f"unsupported file type {ext!r} (use one of {', '.join(NETWORK_EXT)})",
+                                   file=str(path))
+    except OSError as e:
+        raise NetworkFileError(f"cannot read file: {e.strerror or e}", file=str(path)) from e
+    for k, t in tensors.items():
+        if t.is_complex():
+            raise NetworkFileError(f"complex dtype {t.dtype} is not a network weight", file=str(path), key=k)
+    if not tensors:
+        raise NetworkFileError("file holds no tensors", file=str(path))
+    return RawFile(path=path, tensors=tensors, metadata=metadata, size=st.st_size, mtime=st.st_mtime)
+
+
+def addnet_hash(path: PathLike) -> str:
+    """sha256 hex of a safetensors file's bytes after its header (A1111 `Lora hashes`); whole file else."""
+    path = Path(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if path.suffix.lower() in SAFETENSORS_EXT:
+            (n,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + n)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,340 @@
+"""A parsed network file: per-module adapters, the base model it was made for, and what it fits.
+
+    net = load_network(path)               # read, group keys per module, detect each module's type
+    binding = bind(net, ModelMap.from_module(model))   # match modules to model weights, check shapes
+    binding.report                          # matched / unmatched / skipped with reasons
+
+Nothing is skipped silently: file keys no module claims, modules the model lacks and modules whose
+shape does not fit are all listed in the report.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import algorithms
+from .algorithms import Adapter
+from .algorithms.lora import LoRA
+from .compose import Contribution
+from .errors import FormatError, LycorisError, ModelMismatchError, NetworkFileError, NonFiniteError
+from .files import PathLike, RawFile, read_file
+from .keys import parse_key
+from .modelmap import ModelMap, Target
+
+log = logging.getLogger("lycoris")
+
+ARCHES = ("sd1", "sd2", "sdxl")
+# Cross-attention context width (input of attn2.to_k) and text-encoder width per architecture.
+_CONTEXT_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl"}
+_PEFT_CONFIG_PREFIX = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
+
+
+@dataclass(frozen=True)
+class NetworkModule:
+    """One module of a network file."""
+
+    component: str            # 'unet' | 'te1' | 'te2'
+    body: str                 # module path with '_' (see keys)
+    path: str                 # the module path as the file spells it (dots kept for PEFT names)
+    adapter: Adapter
+    scale: float              # alpha/rank as this file defines it
+    dora_scale: Optional[torch.Tensor]
+    bias_delta: Optional[torch.Tensor]
+    keys: tuple               # the file keys it was built from
+
+    @property
+    def algo(self) -> str:
+        return self.adapter.algo + ("+dora" if self.dora_scale is not None else "")
+
+    def contribution(self, dyn: Optional[int] = None) -> Contribution:
+        adapter = self.adapter.sliced(dyn) if isinstance(self.adapter, LoRA) else self.adapter
+        return Contribution(adapter=adapter, scale=self.scale, dora_scale=self.dora_scale,
+                            bias_delta=self.bias_delta if self.bias_delta is not None else adapter.bias_delta())
+
+
+@dataclass
+class Network:
+    path: Path
+    name: str
+    metadata: dict
+    modules: dict                   # (component, body) -> NetworkModule
+    unknown_keys: list              # keys no module claims (reported, never applied)
+    base_model: str                 # 'sd1' | 'sd2' | 'sdxl' | 'unknown'
+    base_model_reason: str
+    size: int = 0
+    mtime: float = 0.0
+
+    @property
+    def algos(self) -> Counter:
+        return Counter(m.algo for m in self.modules.values())
+
+    def nbytes(self) -> int:
+        return sum(m.adapter.nbytes() for m in self.modules.values())
+
+
+# --------------------------------------------------------------------------------------------------
+
+def _peft_config(metadata: dict) -> dict:
+    """component -> PEFT LoraConfig dict, from diffusers' `lora_adapter_metadata` (if any)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        log.warning("lora_adapter_metadata is not JSON; PEFT modules get scale 1")
+        return {}
+    out: dict = {}
+    for comp, prefix in _PEFT_CONFIG_PREFIX.items():
+        sub = {k[len(prefix) + 1:]: v for k, v in meta.items() if k.startswith(prefix + ".")}
+        if sub:
+            out[comp] = sub
+    if not out and "lora_alpha" in meta:
+        out = {c: meta for c in _PEFT_CONFIG_PREFIX}
+    return out
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    """PEFT rank_pattern / alpha_pattern: a key matches a module name ending in it."""
+    for pat, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pat}", path) or path == pat:
+            return value
+    return default
+
+
+def _peft_scale(config: dict, path: str, rank: Optional[int]) -> float:
+    r = _pattern_value(config.get("rank_pattern"), path, config.get("r", rank))
+    alpha = _pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", r))
+    if r is None or not r or alpha is None:
+        return 1.0
+    return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else float(r))
+
+
+def _check_finite(raw: RawFile) -> None:
+    for k, t in raw.tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError("tensor holds NaN or infinity", file=str(raw.path), key=k)
+
+
+def build_network(raw: RawFile, name: Optional[str] = None) -> Network:
+    """Group the file's tensors per module and build each module's adapter (see module doc)."""
+    _check_finite(raw)
+    groups: dict = {}
+    paths: dict = {}
+    unknown = []
+    for key, t in raw.tensors.items():
+        parts = parse_key(key)
+        if parts is None:
+            unknown.append(key)
+            continue
+        g = groups.setdefault(parts.module, {})
+        if parts.suffix in g:
+            raise FormatError(f"two keys give module {parts.body!r} the same tensor {parts.suffix!r}",
+                              file=str(raw.path), key=key)
+        g[parts.suffix] = (key, t)
+        paths.setdefault(parts.module, key[: key.rfind(".")] if "." in key else key)
+    peft = _peft_config(raw.metadata)
+    modules = {}
+    for (comp, body), g in groups.items():
+        tensors = {s: t for s, (_, t) in g.items()}
+        keys = tuple(k for k, _ in g.values())
+        where = keys[0].rsplit(".", 1)[0] if len(keys) == 1 else _common_prefix(keys)
+        try:
+            adapter = algorithms.build(tensors, where)
+        except FormatError as e:
+            raise FormatError(e.message, file=str(raw.path), key=e.key, keys=e.keys) from e
+        alpha = tensors.get("alpha")
+        dotted = not keys[0].startswith(("lora_", "lycoris_"))   # diffusers / PEFT spelling
+        if alpha is not None:
+            if alpha.numel() != 1:
+                raise FormatError(f"alpha must be a scalar, has shape {tuple(alpha.shape)}",
+                                  file=str(raw.path), key=where + ".alpha")
+            scale = adapter.scale_for(float(alpha.float().reshape(-1)[0]))
+        elif dotted and comp in peft and adapter.algo in ("lora", "loha", "lokr"):
+            scale = _peft_scale(peft[comp], paths[(comp, body)].split(".", 1)[-1], adapter.rank())
+        else:
+            scale = adapter.scale_for(None)
+        dora = tensors.get("dora_scale")
+        if dora is not None and not adapter.supports_dora:
+            raise FormatError(f"dora_scale on a {adapter.algo} module", file=str(raw.path), key=where)
+        modules[(comp, body)] = NetworkModule(
+            component=comp, body=body, path=paths[(comp, body)], adapter=adapter, scale=scale,
+            dora_scale=dora, bias_delta=tensors.get("diff_b") if not adapter.has_bias_delta else None,
+            keys=keys)
+    if not modules:
+        raise NetworkFileError("no network module found among the file's keys "
+                               f"(first keys: {', '.join(sorted(raw.tensors)[:5])})", file=str(raw.path))
+    arch, reason = detect_base_model(raw.metadata, modules)
+    return Network(path=raw.path, name=name or raw.path.stem, metadata=raw.metadata, modules=modules,
+                   unknown_keys=sorted(unknown), base_model=arch, base_model_reason=reason,
+                   size=raw.size, mtime=raw.mtime)
+
+
+def _common_prefix(keys: tuple) -> str:
+    first = keys[0]
+    for i, ch in enumerate(first):
+        if any(len(k) <= i or k[i] != ch for k in keys[1:]):
+            return first[:i].rstrip("._")
+    return first
+
+
+def load_network(path: PathLike, name: Optional[str] = None) -> Network:
+    """Read and parse one network file. Raises a LycorisError subclass naming the file and key."""
+    raw = read_file(path)
+    try:
+        return build_network(raw, name)
+    except LycorisError as e:
+        if e.file is None:
+            e.file = str(path)
+            e.args = (str(e),)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Base model detection (research syntax_features.md §9)
+
+def _from_metadata(md: dict) -> Optional[tuple]:
+    v = md.get("ss_base_model_version", "")
+    if v.startswith("sdxl"):
+        return "sdxl", f"ss_base_model_version={v}"
+    if v.startswith("sd_v2"):
+        return "sd2", f"ss_base_model_version={v}"
+    if v.startswith("sd_v1"):
+        return "sd1", f"ss_base_model_version={v}"
+    arch = md.get("modelspec.architecture", "")
+    for prefix, a in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
+                      ("stable-diffusion-v1", "sd1")):
+        if arch.startswith(prefix):
+            return a, f"modelspec.architecture={arch}"
+    if md.get("ss_v2") == "True":
+        return "sd2", "ss_v2=True"
+    return None
+
+
+def detect_base_model(metadata: dict, modules: dict) -> tuple:
+    """('sd1'|'sd2'|'sdxl'|'unknown', reason): metadata first, then key names and shapes."""
+    by_meta = _from_metadata(metadata)
+    if by_meta:
+        return by_meta
+    comps = {m.component for m in modules.values()}
+    if "te2" in comps:
+        return "sdxl", "has a second text encoder (lora_te2_)"
+    for m in modules.values():
+        if m.component == "unet" and re.search(r"attn2_to_[kv]$", m.body) and m.adapter.additive:
+            try:
+                width = m.adapter.numel() // m.adapter.out_features()
+            except (NotImplementedError, ZeroDivisionError):
+                continue
+            if width in _CONTEXT_DIM:
+                return _CONTEXT_DIM[width], f"cross-attention input width {width} ({m.body})"
+    for m in modules.values():
+        if m.component == "unet" and re.match(r"(input_blocks|output_blocks|middle_block)_", m.body):
+            return "sdxl", "UNet keys in SGM naming (kohya writes these for SDXL)"
+        if m.component == "unet" and re.search(r"transformer_blocks_([2-9]|\d\d)_", m.body):
+            return "sdxl", "transformer depth > 2"
+    for m in modules.values():
+        if m.component == "te1" and re.search(r"self_attn_q_proj$", m.body) and m.adapter.additive:
+            try:
+                width = m.adapter.numel() // m.adapter.out_features()
+            except (NotImplementedError, ZeroDivisionError):
+                continue
+            if width in (768, 1024):
+                return ("sd1" if width == 768 else "sd2"), f"text encoder width {width}"
+    return "unknown", "no metadata and no telling key shape"
+
+
+# --------------------------------------------------------------------------------------------------
+# Binding a network to a model
+
+@dataclass
+class LoadReport:
+    network: str
+    model_arch: str
+    network_arch: str
+    matched: list = field(default_factory=list)        # (module name, target weight)
+    unmatched: list = field(default_factory=list)      # (module name, reason)
+    skipped: list = field(default_factory=list)        # (module name, reason) matched but unusable
+    unknown_keys: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.matched)
+
+    def summary(self) -> str:
+        s = f"{self.network}: {len(self.matched)} modules matched"
+        if self.unmatched:
+            s += f", {len(self.unmatched)} not in the model"
+        if self.skipped:
+            s += f", {len(self.skipped)} skipped (shape)"
+        if self.unknown_keys:
+            s += f", {len(self.unknown_keys)} unknown keys"
+        if self.network_arch not in ("unknown", self.model_arch) and self.model_arch != "unknown":
+            s += f"; made for {self.network_arch}, model is {self.model_arch}"
+        return s
+
+    def warnings(self) -> list:
+        out = []
+        if self.unmatched or self.skipped or self.unknown_keys:
+            out.append(self.summary())
+        elif self.network_arch not in ("unknown", self.model_arch) and self.model_arch != "unknown":
+            out.append(self.summary())
+        return out
+
+    def to_dict(self) -> dict:
+        return {"network": self.network, "model_arch": self.model_arch, "network_arch": self.network_arch,
+                "matched": len(self.matched), "unmatched": [list(x) for x in self.unmatched],
+                "skipped": [list(x) for x in self.skipped], "unknown_keys": list(self.unknown_keys)}
+
+
+@dataclass
+class Binding:
+    network: Network
+    pairs: list          # (Target, NetworkModule)
+    report: LoadReport
+
+
+def bind(network: Network, model: ModelMap, *, components: Optional[set] = None) -> Binding:
+    """Match every module of `network` to a target of `model`, checking shapes.
+
+    Raises ModelMismatchError when nothing matches; otherwise every miss is in the report.
+    """
+    report = LoadReport(network=network.name, model_arch=model.arch, network_arch=network.base_model,
+                        unknown_keys=list(network.unknown_keys))
+    pairs = []
+    for (comp, body), mod in network.modules.items():
+        label = f"{comp}:{body}"
+        if components is not None and comp not in components:
+            continue
+        if comp not in model.roots:
+            report.unmatched.append((label, f"the model has no {comp} component"))
+            continue
+        t: Optional[Target] = model.lookup(comp, body)
+        if t is None:
+            report.unmatched.append((label, "no such module in the model"))
+            continue
+        if not mod.adapter.fits(t.shape):
+            report.skipped.append((label, f"delta of {mod.algo} does not fit weight {t.weight} {t.shape}"))
+            continue
+        bias = mod.bias_delta if mod.bias_delta is not None else mod.adapter.bias_delta()
+        if bias is not None and (t.bias is None or bias.numel() != t.shape[0]):
+            report.skipped.append((label, f"bias delta {tuple(bias.shape)} has no matching bias in {t.module}"))
+            continue
+        if mod.dora_scale is not None and mod.dora_scale.numel() not in (t.shape[0], t.shape[1] if len(t.shape) > 1 else -1):
+            report.skipped.append((label, f"dora_scale {tuple(mod.dora_scale.shape)} does not fit {t.shape}"))
+            continue
+        pairs.append((t, mod))
+        report.matched.append((label, t.weight if t.rows is None else f"{t.weight}[{t.rows[0]}:{t.rows[1]}]"))
+    if not pairs:
+        raise ModelMismatchError(
+            f"no module of this network fits the loaded {model.arch} model "
+            f"({len(report.unmatched)} not in the model, {len(report.skipped)} of the wrong shape; "
+            f"the network looks made for {network.base_model})", file=str(network.path))
+    return Binding(network=network, pairs=pairs, report=report)
