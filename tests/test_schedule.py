@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, strategies as st
@@ -78,8 +80,38 @@ DOC_TABLE = [
 
 
 @pytest.mark.parametrize("tag,steps,row,values", DOC_TABLE)
-def test_doc_table(tag: str, steps: int, row: str, values: list[float]) -> None:
+def test_issue_examples(tag: str, steps: int, row: str, values: list[float]) -> None:
     assert table(tag, steps, row) == [round(v, 6) for v in values]
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "tags.md"
+_DOC_ROW = re.compile(r"^\| `(<[^`]+>)` \| (first|hires) \| (\d+) \| (\w+) \|(.*)\|\s*$")
+
+
+def doc_rows() -> list[tuple[str, bool, int, str, list[float]]]:
+    rows = []
+    for line in DOCS.read_text(encoding="utf-8").splitlines():
+        m = _DOC_ROW.match(line)
+        if m:
+            cells = [c.strip() for c in m.group(5).split("|")]
+            values = [float(c) for c in cells if c]
+            rows.append((m.group(1), m.group(2) == "hires", int(m.group(3)), m.group(4), values))
+    return rows
+
+
+def test_doc_table_is_found() -> None:
+    rows = doc_rows()
+    assert len(rows) >= 20 and any(hires for _, hires, *_ in rows)
+
+
+@pytest.mark.parametrize("tag,hires,steps,row,values", doc_rows())
+def test_doc_table(tag: str, hires: bool, steps: int, row: str, values: list[float]) -> None:
+    """docs/tags.md "What each example gives": every cell, rounded to 3 decimals as printed there."""
+    assert len(values) == steps
+    parsed = parse_prompt(tag)
+    assert not parsed.warnings, parsed.warnings
+    got = [round(v, 3) for v in step_table(parsed.requests[0], steps, hires)[row]]
+    assert got == values
 
 
 HIRES_TABLE = [
