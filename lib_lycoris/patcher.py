@@ -1,0 +1,421 @@
+"""The one stateful object: applies networks to a live torch model and keeps it right at every step.
+
+    patcher = Patcher(model)                       # or Patcher.from_components({'unet': ..., 'te1': ...})
+    patcher.apply([(network, request), ...])       # model = base + requested networks at `step`
+    patcher.set_step(step, total)                  # scheduled multipliers move; only changed weights touched
+    patcher.restore()                              # the original bits back (torch.equal on every tensor)
+
+State per touched weight ("slot"): the original tensor (backup), the contributions of the networks on it
+and the multipliers now in the weight. A slot's weight is always a pure function of its backup and its
+(contribution, multiplier) list:
+
+    W = cast(backup + Σ_i (W'_i(m_i) − backup))
+
+computed in float32 on the weight's device, so a change never accumulates rounding (no W += Δm·ΔW
+drift in fp16/bf16), a rollback after a failure half-way recomputes the exact previous bits, and
+`restore` copies the backup back. Plain LoRA contributions (most files) take one fused GEMM per slot:
+the factors of all networks on the slot are concatenated along the rank, scaled by m·s, and
+`addmm(backup, up_cat, down_cat, out=W)` reads the backup and writes the weight once (2 passes, no
+full-size temporaries for fp32 weights).
+
+Backups (memory, for the weights networks touch):
+- backup='device' (default): a copy on the weight's own device: + the touched weights' size there;
+  a strength change costs 2 passes over each touched weight.
+- backup='cpu': a copy in (pinned, on CUDA) host memory: no extra device memory; each re-patch reads
+  the backup over the bus.
+
+Modes per network: 'merge' writes weights; 'bypass' adds m·s·h(x) to the module's output with a removable
+forward hook (no weight written; for networks whose multiplier changes every step, or quantized weights).
+A multiplier of exactly 0 switches a network off on a weight (also for DoRA, whose LyCORIS formula
+would otherwise leave W + s·ΔW at m = 0).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .blocks import BlockMapError, block_id
+from .compose import Contribution, merged, merged_bias
+from .errors import LycorisError
+from .modelmap import ModelMap, Target
+from .network import Binding, LoadReport, Network, bind
+
+log = logging.getLogger("lycoris")
+
+Tensor = torch.Tensor
+MODES = ("merge", "bypass")
+BACKUPS = ("device", "cpu")
+
+
+class WeightRequest(Protocol):
+    """What the Patcher needs of a request (tags.NetworkRequest implements it)."""
+
+    name: str
+    dyn: Optional[int]
+
+    def weight(self, component: str, block: Optional[str], step: int, total_steps: int,
+               hires: bool = False) -> float: ...
+
+
+@dataclass(frozen=True)
+class Strength:
+    """A constant request: `te` on text encoders, `unet` on the UNet (used by `merge` and tests)."""
+
+    te: float = 1.0
+    unet: Optional[float] = None
+    name: str = ""
+    dyn: Optional[int] = None
+
+    def weight(self, component: str, block: Optional[str], step: int, total_steps: int,
+               hires: bool = False) -> float:
+        if component == "unet":
+            return self.te if self.unet is None else self.unet
+        return self.te
+
+
+@dataclass
+class _Active:
+    key: tuple                 # (id(network), dyn, mode)
+    network: Network
+    request: WeightRequest
+    binding: Binding
+    mode: str
+
+
+@dataclass
+class _Slot:
+    target: Target
+    param: Tensor              # the live full parameter (its .data is written)
+    bias_param: Optional[Tensor]
+    group: tuple               # (component, block) for multiplier lookup
+    backup: Optional[Tensor] = None
+    bias_backup: Optional[Tensor] = None
+    contribs: dict = field(default_factory=dict)    # active key -> Contribution
+    applied: tuple = ()        # ((key, m), ...) now in the weight (merge mode)
+
+    def view(self) -> Tensor:
+        w = self.param.data
+        return w if self.target.rows is None else w[self.target.rows[0]:self.target.rows[1]]
+
+    def bias_view(self) -> Optional[Tensor]:
+        if self.bias_param is None:
+            return None
+        b = self.bias_param.data
+        return b if self.target.rows is None else b[self.target.rows[0]:self.target.rows[1]]
+
+
+@dataclass
+class ApplyStats:
+    networks: int = 0
+    slots_written: int = 0
+    bind_s: float = 0.0
+    write_s: float = 0.0
+    reports: list = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"applied {self.networks} network(s): {self.slots_written} weights written, "
+                f"bind {self.bind_s * 1e3:.1f} ms, compute+write {self.write_s * 1e3:.1f} ms")
+
+
+class Patcher:
+    """Applies networks to one model; see the module docstring for the contract."""
+
+    def __init__(self, model: torch.nn.Module, *, modelmap: Optional[ModelMap] = None,
+                 backup: str = "device", named_params: Optional[Mapping[str, Tensor]] = None,
+                 modules: Optional[Mapping[str, torch.nn.Module]] = None) -> None:
+        if backup not in BACKUPS:
+            raise ValueError(f"backup must be one of {BACKUPS}")
+        self.model = model
+        self.modelmap = modelmap or ModelMap.from_module(model)
+        self.backup_where = backup
+        self._params = dict(named_params) if named_params is not None else dict(model.named_parameters())
+        self._modules = dict(modules) if modules is not None else dict(model.named_modules())
+        self._bindings: dict = {}          # id(network) -> Binding
+        self._active: dict = {}            # key -> _Active
+        self._slots: dict = {}             # (weight name, rows) -> _Slot
+        self._hooks: dict = {}             # module name -> _BypassHook
+        self.step = 1
+        self.total = 1
+        self.hires = False
+
+    @classmethod
+    def from_components(cls, components: Mapping[str, torch.nn.Module], **kw) -> "Patcher":
+        """For hosts that hold the UNet and text encoders apart: {'unet': m, 'te1': m, 'te2': m}."""
+        root = torch.nn.Module()
+        for name, m in components.items():
+            root.add_module(name, m)
+        return cls(root, modelmap=ModelMap.from_components(components), **kw)
+
+    # --- public API ------------------------------------------------------------------------------
+    def prepare(self, network: Network) -> LoadReport:
+        """Bind a network to this model (cached); raises ModelMismatchError if nothing fits."""
+        b = self._bindings.get(id(network))
+        if b is None or b.network is not network:
+            b = bind(network, self.modelmap)
+            self._bindings[id(network)] = b
+        return b.report
+
+    def apply(self, items: Sequence[tuple], *, step: Optional[int] = None, total: Optional[int] = None,
+              hires: Optional[bool] = None, mode: str = "merge") -> ApplyStats:
+        """Make the model equal base + these networks. items: (Network, request[, mode]).
+
+        The same set again is a no-op; a changed set touches only weights whose effective value changed.
+        Binding errors are raised before any weight is written; a failure while writing rolls back.
+        """
+        if step is not None:
+            self.step = step
+        if total is not None:
+            self.total = total
+        if hires is not None:
+            self.hires = hires
+        stats = ApplyStats(networks=len(items))
+        t0 = time.perf_counter()
+        wanted: dict = {}
+        for item in items:
+            network, request = item[0], item[1]
+            m = item[2] if len(item) > 2 else mode
+            if m not in MODES:
+                raise ValueError(f"mode must be one of {MODES}, not {m!r}")
+            report = self.prepare(network)
+            stats.reports.append(report)
+            key = (id(network), request.dyn, m)
+            wanted[key] = _Active(key, network, request, self._bindings[id(network)], m)
+        stats.bind_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self._set_active(wanted)
+        stats.slots_written = self._sync()
+        stats.write_s = time.perf_counter() - t1
+        log.info("%s", stats.line())
+        return stats
+
+    def set_step(self, step: int, total: int, hires: bool = False) -> int:
+        """Move every scheduled multiplier to `step` (1-based) of `total`; returns weights written."""
+        self.step, self.total, self.hires = step, total, hires
+        return self._sync()
+
+    def restore(self) -> None:
+        """Every touched weight back to its original bits; hooks removed; networks dropped."""
+        for slot in self._slots.values():
+            if slot.backup is not None:
+                slot.view().copy_(slot.backup)
+            if slot.bias_backup is not None:
+                slot.bias_view().copy_(slot.bias_backup)
+        for h in self._hooks.values():
+            h.remove()
+        self._hooks.clear()
+        self._slots.clear()
+        self._active.clear()
+
+    @property
+    def active_networks(self) -> list:
+        return [a.network for a in self._active.values()]
+
+    def extra_memory(self) -> int:
+        """Bytes held for backups (weights and biases)."""
+        return sum((s.backup.numel() * s.backup.element_size() if s.backup is not None else 0)
+                   + (s.bias_backup.numel() * s.bias_backup.element_size() if s.bias_backup is not None else 0)
+                   for s in self._slots.values())
+
+    # --- internals ----------------------------------------------------------------------------------
+    def _set_active(self, wanted: dict) -> None:
+        for key in list(self._active):
+            if key not in wanted:
+                for slot in self._slots.values():
+                    slot.contribs.pop(key, None)
+                del self._active[key]
+        for key, act in wanted.items():
+            old = self._active.get(key)
+            self._active[key] = act
+            if old is not None:
+                continue
+            for target, mod in act.binding.pairs:
+                slot = self._slot(target)
+                slot.contribs[key] = mod.contribution(act.request.dyn)
+
+    def _slot(self, target: Target) -> _Slot:
+        k = (target.weight, target.rows)
+        slot = self._slots.get(k)
+        if slot is None:
+            param = self._params[target.weight]
+            bias = self._params.get(target.bias) if target.bias else None
+            block = _block_of(target, self.modelmap.arch)
+            slot = _Slot(target=target, param=param, bias_param=bias, group=(target.component, block))
+            self._slots[k] = slot
+        return slot
+
+    def _multipliers(self) -> Callable:
+        cache: dict = {}
+
+        def m(key: tuple, group: tuple) -> float:
+            k = (key, group)
+            v = cache.get(k)
+            if v is None:
+                v = float(self._active[key].request.weight(group[0], group[1], self.step, self.total, self.hires))
+                cache[k] = v
+            return v
+        return m
+
+    def _sync(self) -> int:
+        """Bring every slot to the state the active networks want now; returns slots written."""
+        mult = self._multipliers()
+        plan = []
+        for slot in self._slots.values():
+            merge_items, bypass_items = [], []
+            for key, c in slot.contribs.items():
+                act = self._active[key]
+                m = mult(key, slot.group)
+                if m == 0.0:
+                    continue
+                if act.mode == "bypass" and slot.target.rows is None and slot.target.module in self._modules:
+                    bypass_items.append((key, m))
+                else:
+                    merge_items.append((key, m))
+            self._set_bypass(slot, tuple(bypass_items))
+            want = tuple(merge_items)
+            if want != slot.applied:
+                plan.append((slot, want))
+        done = []
+        try:
+            for slot, want in plan:
+                self._write(slot, want)
+                done.append((slot, slot.applied))
+                slot.applied = want
+        except BaseException:
+            log.error("patching failed after %d of %d weights; rolling back", len(done), len(plan))
+            for slot, previous in reversed(done):
+                self._write(slot, previous)
+                slot.applied = previous
+            raise
+        self._drop_idle_slots()
+        return len(plan)
+
+    def _ensure_backup(self, slot: _Slot) -> None:
+        if slot.backup is not None:
+            return
+        w, b = slot.view(), slot.bias_view()
+        if self.backup_where == "cpu" and w.device.type != "cpu":
+            slot.backup = w.detach().to("cpu", copy=True).pin_memory()
+            slot.bias_backup = None if b is None else b.detach().to("cpu", copy=True).pin_memory()
+        else:
+            slot.backup = w.detach().clone()
+            slot.bias_backup = None if b is None else b.detach().clone()
+
+    def _write(self, slot: _Slot, items: tuple) -> None:
+        """Weight (and bias) := pure function of backup and items; see module doc."""
+        self._ensure_backup(slot)
+        w = slot.view()
+        dev = w.device
+        base = slot.backup.to(dev, non_blocking=True)
+        with torch.no_grad():
+            if not items:
+                w.copy_(base)
+                if slot.bias_backup is not None:
+                    slot.bias_view().copy_(slot.bias_backup.to(dev, non_blocking=True))
+                return
+            contribs = [(slot.contribs[k], m) for k, m in items]
+            low = [c.low_rank(dev) for c, _ in contribs]
+            if all(x is not None for x in low):
+                ups = [up * (m * c.scale) for (up, _), (c, m) in zip(low, contribs)]
+                up = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
+                down = low[0][1] if len(low) == 1 else torch.cat([d for _, d in low], dim=0)
+                base2d = base.reshape(base.shape[0], -1)
+                if w.dtype == torch.float32 and w.is_contiguous():
+                    torch.addmm(base2d, up, down, out=w.view(w.shape[0], -1))
+                else:
+                    w.copy_(torch.addmm(base2d.float(), up, down).reshape(w.shape))
+            else:
+                w.copy_(merged(base.float(), contribs).reshape(w.shape))
+            bview = slot.bias_view()
+            if bview is not None and any(c.bias_delta is not None for c, _ in contribs):
+                bview.copy_(merged_bias(slot.bias_backup.to(dev), contribs))
+            elif bview is not None and slot.bias_backup is not None:
+                bview.copy_(slot.bias_backup.to(dev, non_blocking=True))
+
+    def _drop_idle_slots(self) -> None:
+        for k in [k for k, s in self._slots.items() if not s.contribs and not s.applied]:
+            slot = self._slots.pop(k)
+            h = self._hooks.pop(slot.target.module, None)
+            if h is not None:
+                h.remove()
+
+    # --- bypass ---------------------------------------------------------------------------------
+    def _set_bypass(self, slot: _Slot, items: tuple) -> None:
+        name = slot.target.module
+        hook = self._hooks.get(name)
+        if not items:
+            if hook is not None:
+                hook.items = ()
+            return
+        if hook is None:
+            hook = _BypassHook(self._modules[name], slot)
+            self._hooks[name] = hook
+        hook.items = tuple((slot.contribs[k], m) for k, m in items)
+
+
+def _block_of(target: Target, arch: str) -> Optional[str]:
+    """LBW block id of a target; None outside the blocks or where the architecture is unknown."""
+    if arch not in ("sd1", "sd2", "sdxl"):
+        return None if target.component == "unet" else "BASE"
+    try:
+        return block_id(target.component, target.ldm_path, arch)
+    except BlockMapError:
+        log.debug("no block for %s; block weights do not apply to it", target.weight)
+        return None
+
+
+class _BypassHook:
+    """Forward hook: y + Σ m·s·h(x); LoRA as down/up ops, other types through their ΔW(m) (cached)."""
+
+    def __init__(self, module: torch.nn.Module, slot: _Slot) -> None:
+        self.module = module
+        self.slot = slot
+        self.items: tuple = ()
+        self._delta_cache: dict = {}
+        self.handle = module.register_forward_hook(self._hook)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def _op(self, x: Tensor, weight: Tensor) -> Tensor:
+        mod = self.module
+        if isinstance(mod, torch.nn.Conv2d):
+            return F.conv2d(x, weight, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+        if isinstance(mod, torch.nn.Linear):
+            return F.linear(x, weight)
+        raise LycorisError(f"bypass mode has no rule for {type(mod).__name__}", key=self.slot.target.module)
+
+    def _hook(self, module: torch.nn.Module, args: tuple, output: Tensor) -> Tensor:
+        if not self.items:
+            return output
+        x = args[0]
+        extra = None
+        for c, m in self.items:
+            low = c.low_rank(x.device)
+            if low is not None:
+                up, down = low
+                w = module.weight
+                if isinstance(module, torch.nn.Conv2d):
+                    d = F.conv2d(x, down.to(x.dtype).reshape(down.shape[0], *w.shape[1:]), None, module.stride,
+                                 module.padding, module.dilation, module.groups)
+                    y = F.conv2d(d, up.to(x.dtype).reshape(up.shape[0], up.shape[1], 1, 1))
+                else:
+                    y = F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
+                y = y * (m * c.scale)
+            else:
+                key = (id(c), m)
+                dw = self._delta_cache.get(key)
+                if dw is None:
+                    src = self.slot.backup if self.slot.backup is not None else self.slot.view()
+                    dw = c.weight_delta(src.to(x.device).float(), m)
+                    self._delta_cache = {key: dw}
+                y = self._op(x, dw.to(x.dtype))
+                b = c.bias_change(self.slot.bias_param.data, m) if self.slot.bias_param is not None else None
+                if b is not None:
+                    y = y + (b.reshape(1, -1, 1, 1) if y.dim() == 4 else b).to(y.dtype)
+            extra = y if extra is None else extra + y
+        return output + extra
