@@ -93,7 +93,7 @@ class NetworkRequest:
     start: Optional[int] = None
     stop: Optional[int] = None
     interp: str = HOLD
-    unknown: dict[str, str] = field(default_factory=dict)
+    unknown: dict[str, str] = field(default_factory=dict, hash=False)
     source: str = field(default="", compare=False)
 
     # --- effective schedules --------------------------------------------------------------------------------

@@ -220,3 +220,8 @@ def test_weights_are_finite(text: str, steps: int) -> None:
             for comp in ("te1", "unet"):
                 w = req.weight(comp, "IN04", s, steps)
                 assert w == w and abs(w) < float("inf")
+
+
+def test_requests_hash_and_compare_without_source() -> None:
+    a, b = parse_tag("<lora:x:1:foo=1>"), parse_tag(" <lora:x: 1 :foo=1> ")
+    assert a == b and hash(a) == hash(b) and a.source != b.source
