@@ -56,7 +56,7 @@ class Contribution:
         if d is None:
             return None
         if self.dora_scale is None:
-            return d.mul_(multiplier * self.scale)
+            return d * (multiplier * self.scale)   # not in place: `delta` may return stored data
         v = base + self.scale * d
         return dora(v, self.dora_scale.to(device=base.device, dtype=torch.float32), multiplier) - base
 

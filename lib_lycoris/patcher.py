@@ -271,7 +271,7 @@ class Patcher:
                 m = mult(key, slot.group)
                 if m == 0.0:
                     continue
-                if act.mode == "bypass" and slot.target.rows is None and slot.target.module in self._modules:
+                if act.mode == "bypass" and self._can_bypass(slot):
                     bypass_items.append((key, m))
                 else:
                     merge_items.append((key, m))
@@ -293,6 +293,11 @@ class Patcher:
             raise
         self._drop_idle_slots()
         return len(plan)
+
+    def _can_bypass(self, slot: _Slot) -> bool:
+        """Forward hooks cover Linear and Conv2d; other weights (norms, OpenCLIP q/k/v rows) are merged."""
+        module = self._modules.get(slot.target.module)
+        return slot.target.rows is None and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
 
     def _ensure_backup(self, slot: _Slot) -> None:
         if slot.backup is not None:

@@ -1,0 +1,104 @@
+"""Our merged weights against the official LyCORIS package and PEFT/diffusers (the oracles).
+
+Every case is a network made and saved by the official code on a tiny real architecture; the reference
+is the official module's forward behaviour in float64 (fixtures/oracle.py). We load the file, patch the
+model and compare every parameter: changed ones to the reference, all others unchanged. Both model
+layouts are checked (diffusers names and the original single-file names, OpenCLIP q/k/v included).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fixtures import oracle as O
+from fixtures.models import tiny_model
+from lib_lycoris.network import load_network
+from lib_lycoris.patcher import Patcher, Strength
+
+# We compute in float32 against a float64 reference: relative to the largest reference value.
+RTOL = 2e-6
+
+
+def _cases():
+    for cid in O.CASE_IDS:
+        case = O.CASE_BY_ID[cid]
+        mults = O.MULTIPLIERS if case.source == "lycoris" or (
+            case.algo in ("lora", "loha", "lokr") and not case.options.get("use_dora")) else (1.0,)
+        for m in mults:
+            yield pytest.param(cid, m, id=f"{cid}@{m}")
+
+
+def _assert_close(got: torch.Tensor, ref: torch.Tensor, name: str) -> None:
+    scale = ref.abs().max().item() + 1e-12
+    err = (got.double() - ref.double()).abs().max().item() / scale
+    assert err < RTOL, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("case_id,mult", list(_cases()))
+def test_diffusers_layout_matches_oracle(case_id, mult):
+    on = O.oracle(case_id, mult)
+    tm = tiny_model(on.arch, 0)
+    tm.diffusers.double()
+    net = load_network(on.path)
+    before = {k: v.detach().clone() for k, v in tm.diffusers.named_parameters()}
+    stats = Patcher(tm.diffusers).apply([(net, Strength(mult))])
+    report = stats.reports[0]
+    assert not report.unmatched and not report.skipped and not report.unknown_keys, report.summary()
+    params = dict(tm.diffusers.named_parameters())
+    assert on.reference, "vacuous case: the oracle changed nothing"
+    for k, ref in on.reference.items():
+        assert not torch.equal(ref, on.base[k]) or mult == 0, f"{k}: reference equals base"
+        _assert_close(params[k].detach(), ref, k)
+    for k, v in params.items():
+        if k not in on.reference:
+            assert torch.equal(v.detach(), before[k]), f"{k} changed but the oracle says it should not"
+
+
+ORIGINAL = [pytest.param(c, id=c) for c in O.CASE_IDS if O.CASE_BY_ID[c].source == "lycoris"
+            and (O.CASE_BY_ID[c].arch != "sd1" or c in ("sd1-lora", "sd1-loha", "sd1-lokr", "sd1-norm"))]
+
+
+@pytest.mark.parametrize("case_id", ORIGINAL)
+def test_original_layout_matches_oracle(case_id):
+    """The same files on the A1111/Forge layout: LDM/SGM UNet names, OpenCLIP fused q/k/v."""
+    on = O.oracle(case_id, 1.0)
+    tm = tiny_model(on.arch, 0)
+    tm.root.double()
+    net = load_network(on.path)
+    stats = Patcher(tm.root).apply([(net, Strength(1.0))])
+    report = stats.reports[0]
+    assert not report.unmatched and not report.skipped, report.summary()
+    params = dict(tm.root.named_parameters())
+    for name, parts in O.original_reference(on).items():
+        for rows, ref in parts:
+            got = params[name].detach()
+            got = got if rows is None else got[rows]
+            _assert_close(got, ref, name)
+
+
+def test_base_model_detected():
+    for cid, arch in (("sd1-lora", "sd1"), ("sd2-lora", "sd2"), ("sdxl-lora", "sdxl"),
+                      ("sd1-diffusers-lora", "sd1"), ("sdxl-diffusers-lora", "sdxl")):
+        net = load_network(O.oracle(cid, 1.0).path)
+        assert net.base_model == arch, (cid, net.base_model, net.base_model_reason)
+
+
+def test_sd1_network_on_sdxl_model_reports_mismatch():
+    """An SD1 network on SDXL: names partly coincide, shapes do not; nothing half-applies silently."""
+    on = O.oracle("sd1-lora", 1.0)
+    tm = tiny_model("sdxl", 0)
+    before = {k: v.detach().clone() for k, v in tm.root.named_parameters()}
+    net = load_network(on.path)
+    p = Patcher(tm.root)
+    from lib_lycoris.errors import ModelMismatchError
+    try:
+        report = p.prepare(net)
+    except ModelMismatchError as e:
+        assert "sdxl" in str(e)
+    else:
+        assert report.unmatched or report.skipped
+        assert "made for sd1, model is sdxl" in report.summary()
+        p.apply([(net, Strength(1.0))])
+        p.restore()
+    for k, v in tm.root.named_parameters():
+        assert torch.equal(v.detach(), before[k]), k

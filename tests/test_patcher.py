@@ -1,0 +1,192 @@
+"""Patcher contract: exact restore, idempotent apply, minimal re-patching, rollback, merge == bypass."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fixtures.models import tiny_model, unet_inputs
+from lib_lycoris.network import load_network
+from lib_lycoris.patcher import Patcher, Strength
+from lib_lycoris.tags import parse_tag
+from synth import TYPES, make_network
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def _assert_same(model: torch.nn.Module, snap: dict) -> None:
+    for k, v in model.named_parameters():
+        assert torch.equal(v.detach(), snap[k]), f"{k} differs"
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return tiny_model("sd1", 0)
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory, sd1):
+    d = tmp_path_factory.mktemp("nets")
+    return {k: load_network(make_network(d / f"{k}.safetensors", sd1.root, k, seed=i))
+            for i, k in enumerate(TYPES)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_apply_then_restore_is_bit_exact(nets, dtype):
+    tm = tiny_model("sd1", 0)
+    tm.root.to(dtype)
+    snap = _snapshot(tm.root)
+    p = Patcher(tm.root)
+    p.apply([(n, Strength(0.7)) for n in nets.values()])
+    changed = sum(not torch.equal(v.detach(), snap[k]) for k, v in tm.root.named_parameters())
+    assert changed > 100, "non-vacuity: the networks changed the model"
+    p.restore()
+    _assert_same(tm.root, snap)
+
+
+def test_apply_twice_is_a_noop(nets):
+    tm = tiny_model("sd1", 0)
+    p = Patcher(tm.root)
+    items = [(nets["lora"], Strength(1.0)), (nets["loha"], Strength(0.5))]
+    first = p.apply(items)
+    snap = _snapshot(tm.root)
+    again = p.apply(items)
+    assert first.slots_written > 0 and again.slots_written == 0
+    _assert_same(tm.root, snap)
+
+
+def test_strength_change_touches_only_that_network(nets):
+    tm = tiny_model("sd1", 0)
+    p = Patcher(tm.root)
+    lora, ia3 = nets["lora"], nets["ia3"]
+    p.apply([(lora, Strength(1.0)), (ia3, Strength(1.0))])
+    stats = p.apply([(lora, Strength(1.0)), (ia3, Strength(0.3))])
+    assert stats.slots_written == len(p._bindings[id(ia3)].pairs)
+    # and the result equals a fresh apply at the new strengths
+    fresh = tiny_model("sd1", 0)
+    Patcher(fresh.root).apply([(lora, Strength(1.0)), (ia3, Strength(0.3))])
+    for (k, a), (_, b) in zip(tm.root.named_parameters(), fresh.root.named_parameters()):
+        assert torch.equal(a, b), k
+
+
+def test_removing_a_network_restores_its_weights(nets):
+    tm = tiny_model("sd1", 0)
+    snap = _snapshot(tm.root)
+    p = Patcher(tm.root)
+    p.apply([(nets["lora"], Strength(1.0)), (nets["lokr"], Strength(1.0))])
+    p.apply([(nets["lora"], Strength(1.0))])
+    p.apply([])
+    _assert_same(tm.root, snap)
+
+
+def test_schedule_touches_weights_only_at_change_points(nets):
+    tm = tiny_model("sd1", 0)
+    p = Patcher(tm.root)
+    req = parse_tag("<lora:x:0.2@1,1.0@3>")
+    n = len(p.prepare(nets["lora"]).matched)
+    written = [p.apply([(nets["lora"], req)], step=1, total=5).slots_written]
+    written += [p.set_step(s, 5) for s in range(2, 6)]
+    assert written == [n, 0, n, 0, 0]
+    ref = tiny_model("sd1", 0)
+    Patcher(ref.root).apply([(nets["lora"], Strength(1.0))])
+    for (k, a), (_, b) in zip(tm.root.named_parameters(), ref.root.named_parameters()):
+        assert torch.equal(a, b), k
+
+
+def test_zero_weight_means_off(nets):
+    tm = tiny_model("sd1", 0)
+    snap = _snapshot(tm.root)
+    Patcher(tm.root).apply([(nets["lora-dora"], Strength(0.0))])
+    _assert_same(tm.root, snap)
+
+
+def test_failure_half_way_rolls_back(nets, monkeypatch):
+    tm = tiny_model("sd1", 0)
+    p = Patcher(tm.root)
+    p.apply([(nets["lora"], Strength(1.0))])
+    snap = _snapshot(tm.root)
+    calls = {"n": 0}
+    real = Patcher._write
+
+    def flaky(self, slot, items):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise MemoryError("simulated out of memory")
+        return real(self, slot, items)
+    monkeypatch.setattr(Patcher, "_write", flaky)
+    with pytest.raises(MemoryError):
+        p.apply([(nets["lora"], Strength(0.5)), (nets["loha"], Strength(1.0))])
+    monkeypatch.setattr(Patcher, "_write", real)
+    _assert_same(tm.root, snap)
+    p.restore()
+
+
+@pytest.mark.parametrize("kind", [t for t in TYPES if t != "norm"])
+def test_bypass_equals_merge(nets, kind):
+    """The UNet output with forward hooks equals the output with merged weights (every adapter type)."""
+    tm = tiny_model("sd1", 0)
+    inputs = unet_inputs("sd1", batch=2)
+    with torch.no_grad():
+        plain = tm.unet(**inputs).sample
+        p = Patcher(tm.root)
+        p.apply([(nets[kind], Strength(0.8), "merge")])
+        merged = tm.unet(**inputs).sample
+        p.restore()
+        snap = _snapshot(tm.root)
+        p.apply([(nets[kind], Strength(0.8), "bypass")])
+        _assert_same(tm.root, snap)        # bypass writes no Linear/Conv weight
+        bypass = tm.unet(**inputs).sample
+        p.restore()
+        after = tm.unet(**inputs).sample
+    assert not torch.allclose(plain, merged, atol=1e-4), "non-vacuity: the network changes the output"
+    torch.testing.assert_close(bypass, merged, rtol=1e-4, atol=1e-4)
+    assert torch.equal(after, plain)
+
+
+def test_bypass_strength_follows_schedule_without_rewriting(nets):
+    tm = tiny_model("sd1", 0)
+    inputs = unet_inputs("sd1", batch=1)
+    p = Patcher(tm.root)
+    req = parse_tag("<lora:x:0.5@1,1@2>")
+    with torch.no_grad():
+        p.apply([(nets["lora"], req, "bypass")], step=1, total=2)
+        a = tm.unet(**inputs).sample
+        assert p.set_step(2, 2) == 0
+        b = tm.unet(**inputs).sample
+        p.restore()
+        ref = Patcher(tm.root)
+        ref.apply([(nets["lora"], Strength(1.0))])
+        c = tm.unet(**inputs).sample
+        ref.restore()
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-4)
+
+
+def test_backup_on_cpu_equals_backup_on_device(nets):
+    a, b = tiny_model("sd1", 0), tiny_model("sd1", 0)
+    Patcher(a.root).apply([(nets["loha"], Strength(0.6))])
+    pb = Patcher(b.root, backup="cpu")
+    pb.apply([(nets["loha"], Strength(0.6))])
+    for (k, x), (_, y) in zip(a.root.named_parameters(), b.root.named_parameters()):
+        assert torch.equal(x, y), k
+    assert pb.extra_memory() > 0
+
+
+def test_block_weights_reach_modules(nets):
+    """`in=0` leaves the input blocks untouched; `out=0` the output blocks."""
+    tm = tiny_model("sd1", 0)
+    snap = _snapshot(tm.root)
+    Patcher(tm.root).apply([(nets["lora"], parse_tag("<lora:x:1:in=0>"))])
+    changed = {k for k, v in tm.root.named_parameters() if not torch.equal(v, snap[k])}
+    assert not any(".input_blocks." in k for k in changed)
+    assert any(".output_blocks." in k for k in changed) and any(".middle_block." in k for k in changed)
+    assert any("cond_stage_model" in k for k in changed)
+
+
+def test_te_and_unet_weights(nets):
+    tm = tiny_model("sd1", 0)
+    snap = _snapshot(tm.root)
+    Patcher(tm.root).apply([(nets["lora"], parse_tag("<lora:x:1:0>"))])
+    changed = {k for k, v in tm.root.named_parameters() if not torch.equal(v, snap[k])}
+    assert changed and all(k.startswith("cond_stage_model") for k in changed)
