@@ -1,0 +1,176 @@
+"""What a host does per generation, once for every host (the WebUI glue and the standalone app).
+
+    rt = Runtime([lora_dir, lyco_dir])                 # index of network files + parsed-network cache
+    act = rt.activate(patcher, prompt_or_requests, steps=20)   # parse, resolve, load, bind, apply
+    act.prompt, act.warnings, act.used                 # tags removed; one line per problem; what applied
+    for seg in act.te_segments: ...                    # encode the prompt once per te-weight segment
+    patcher.set_step(step, steps)                      # per sampling step
+    patcher.restore()                                  # after the batch
+
+A tag never crashes a generation: every problem of one network (bad tag, unknown name, unreadable
+file, no matching module) becomes one warning naming the tag and the file, and the other networks go on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+from .errors import LycorisError
+from .files import read_metadata
+from .names import NetworkIndex
+from .network import Network, load_network
+from .tags import NetworkRequest, parse_prompt
+
+log = logging.getLogger("lycoris")
+
+# Default memory budget of the parsed-network cache (bytes of stored factors).
+DEFAULT_CACHE_BYTES = 2 << 30
+
+
+class NetworkCache:
+    """LRU cache of parsed networks keyed by (path, size, mtime), bounded by a byte budget."""
+
+    def __init__(self, budget_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.budget = budget_bytes
+        self._items: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _key(path: Path) -> tuple:
+        st = os.stat(path)
+        return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+    def get(self, path: Union[str, Path], name: Optional[str] = None) -> Network:
+        """The parsed network of `path`, read once while the file is unchanged."""
+        try:
+            key = self._key(Path(path))
+        except OSError:
+            return load_network(path, name)   # raises the NetworkFileError with the reason
+        with self._lock:
+            net = self._items.get(key)
+            if net is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return net
+        net = load_network(path, name)
+        size = net.nbytes()
+        with self._lock:
+            self.misses += 1
+            self._items[key] = net
+            self._bytes += size
+            while self._bytes > self.budget and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes()
+        return net
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _alias(path: Path) -> Optional[str]:
+    try:
+        return read_metadata(path).get("ss_output_name") or None
+    except LycorisError as e:
+        log.warning("%s", e)
+        return None
+
+
+@dataclass(frozen=True)
+class TeSegment:
+    """Steps [start, stop] (1-based, inclusive) during which every text-encoder weight is constant."""
+
+    start: int
+    stop: int
+
+
+@dataclass
+class Activation:
+    prompt: str                              # the prompt with the tags removed
+    requests: list                           # every parsed request
+    used: list = field(default_factory=list)  # (request, network) applied
+    warnings: list = field(default_factory=list)
+    te_segments: list = field(default_factory=list)
+    stats: object = None
+
+    @property
+    def hashes(self) -> list:
+        """(alias, short hash) for the infotext `Lora hashes` field."""
+        from .files import addnet_hash
+        out = []
+        for req, net in self.used:
+            try:
+                out.append((req.name, addnet_hash(net.path)[:12]))
+            except OSError as e:
+                log.warning("cannot hash %s: %s", net.path, e)
+        return out
+
+
+def te_segments(requests: Sequence[NetworkRequest], total: int, hires: bool = False) -> list:
+    """Split steps 1..total where any request's text-encoder weight changes (see `TeSegment`)."""
+    cuts = {1}
+    for r in requests:
+        prev = None
+        for s in range(1, total + 1):
+            w = (r.weight("te1", "BASE", s, total, hires), r.weight("te2", "BASE", s, total, hires))
+            if prev is not None and w != prev:
+                cuts.add(s)
+            prev = w
+    starts = sorted(cuts)
+    return [TeSegment(a, (starts[i + 1] - 1) if i + 1 < len(starts) else total) for i, a in enumerate(starts)]
+
+
+class Runtime:
+    """Network folders, the name index and the parsed-network cache of one host process."""
+
+    def __init__(self, roots: Iterable[Union[str, Path]], cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.roots = [Path(r) for r in roots]
+        self.index = NetworkIndex(self.roots, read_alias=_alias)
+        self.cache = NetworkCache(cache_bytes)
+
+    def refresh(self) -> None:
+        self.index.rescan()
+
+    def load(self, name: str) -> Network:
+        entry = self.index.resolve_entry(name)
+        return self.cache.get(entry.path, entry.stem)
+
+    def activate(self, patcher, prompt: Union[str, Sequence[NetworkRequest]], steps: int, *,
+                 hires: bool = False, mode: str = "merge", step: int = 1) -> Activation:
+        """Parse (if given a prompt), resolve, load, bind and apply; never raises for a tag's problem."""
+        if isinstance(prompt, str):
+            parsed = parse_prompt(prompt)
+            act = Activation(prompt=parsed.prompt, requests=list(parsed.requests), warnings=list(parsed.warnings))
+        else:
+            act = Activation(prompt="", requests=list(prompt))
+        items = []
+        for req in act.requests:
+            try:
+                net = self.load(req.name)
+                report = patcher.prepare(net)
+            except LycorisError as e:
+                act.warnings.append(f"<{req.kind}:{req.name}> skipped: {e}")
+                log.warning("<%s:%s> skipped: %s", req.kind, req.name, e)
+                continue
+            act.warnings += [f"<{req.kind}:{req.name}> {w}" for w in report.warnings()]
+            items.append((net, req, mode))
+            act.used.append((req, net))
+        act.stats = patcher.apply(items, step=step, total=steps, hires=hires)
+        act.te_segments = te_segments(act.requests, steps, hires)
+        return act
