@@ -1,0 +1,201 @@
+"""The WebUI glue (scripts/lycoris_loader.py) against fake host modules (tests/host_stubs) and a tiny SD1 model.
+
+Checks what the glue itself decides: that it takes over the `lora`/`lyco` handlers, that a batch applies and
+`deactivate` gives the original bits back, that scheduled weights move in the per-step callback, that a
+te schedule splices per-segment conds into the host's scheduled-cond lists, the infotext hash field and its
+paste-back, the trigger-word insertion. The real WebUI run is described in docs/webui.md.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fixtures.models import tiny_model
+from lib_lycoris.files import addnet_hash
+from synth import make_network
+
+ROOT = Path(__file__).resolve().parent.parent
+STUBS = Path(__file__).resolve().parent / "host_stubs"
+
+
+@pytest.fixture()
+def glue(tmp_path, monkeypatch):
+    """The script module, imported fresh against the stubs, with a networks folder and a tiny SD1 model."""
+    monkeypatch.syspath_prepend(str(STUBS))
+    for name in [m for m in sys.modules if m == "modules" or m.startswith("modules.")]:
+        monkeypatch.delitem(sys.modules, name)
+    from modules import extra_networks, shared
+    extra_networks.extra_network_registry.clear()
+    extra_networks.extra_network_aliases.clear()
+    builtin = extra_networks.ExtraNetwork("lora")
+    extra_networks.register_extra_network(builtin)
+    extra_networks.register_extra_network_alias(builtin, "lyco")
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+    shared.cmd_opts.lora_dir = str(lora_dir)
+    shared.cmd_opts.lyco_dir_backcompat = str(tmp_path / "LyCORIS")
+    tm = tiny_model("sd1", 0)
+    shared.sd_model = tm.root
+    spec = importlib.util.spec_from_file_location("lycoris_loader_under_test", ROOT / "scripts" / "lycoris_loader.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    make_network(lora_dir / "ink.safetensors", tm.root, "lora", seed=1)
+    (lora_dir / "sub").mkdir()
+    make_network(lora_dir / "sub" / "hat.safetensors", tm.root, "loha", seed=2)
+    return SimpleNamespace(mod=mod, tm=tm, dir=lora_dir, shared=shared, en=extra_networks, builtin=builtin)
+
+
+def _p(shared, prompt="a cat", steps=4):
+    comments = []
+    p = SimpleNamespace(sd_model=shared.sd_model, steps=steps, is_hr_pass=False, prompts=[prompt],
+                        extra_generation_params={}, comment=comments.append)
+    p.comments = comments
+    return p
+
+
+def _params(en, tags: str):
+    """What the host hands the `lora` handler: the params of `lora` tags and of its alias `lyco`."""
+    data = en.parse_prompt(tags)[1]
+    return data.get("lora", []) + data.get("lyco", [])
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def _same(model, snap) -> bool:
+    return all(torch.equal(v, snap[k]) for k, v in model.named_parameters())
+
+
+def test_takes_over_lora_and_lyco(glue):
+    glue.mod.before_ui()
+    assert glue.en.extra_network_registry["lora"] is glue.mod.EXTRA_NETWORK
+    assert glue.en.extra_network_aliases["lyco"] is glue.mod.EXTRA_NETWORK
+    assert glue.builtin not in glue.en.extra_network_registry.values()
+
+
+def test_activate_changes_weights_and_deactivate_restores_bits(glue):
+    net, snap = glue.mod.EXTRA_NETWORK, _snapshot(glue.tm.root)
+    p = _p(glue.shared)
+    net.activate(p, _params(glue.en, "<lora:ink:0.8> <lyco:hat:1:unet=0.5>"))
+    assert not _same(glue.tm.root, snap)
+    hashes = p.extra_generation_params["Lora hashes"]
+    assert hashes == f"ink: {addnet_hash(glue.dir / 'ink.safetensors')[:12]}, " \
+                     f"hat: {addnet_hash(glue.dir / 'sub' / 'hat.safetensors')[:12]}"
+    net.deactivate(p)
+    assert _same(glue.tm.root, snap)
+
+
+def test_unmentioned_activate_removes_networks(glue):
+    net, snap = glue.mod.EXTRA_NETWORK, _snapshot(glue.tm.root)
+    net.activate(_p(glue.shared), _params(glue.en, "<lora:ink:1>"))
+    net.activate(_p(glue.shared), [])        # the host's call for a prompt without tags
+    assert _same(glue.tm.root, snap)
+
+
+def test_bad_tag_warns_in_ui_and_infotext_and_others_apply(glue):
+    net, snap = glue.mod.EXTRA_NETWORK, _snapshot(glue.tm.root)
+    p = _p(glue.shared)
+    net.activate(p, _params(glue.en, "<lora:nothere:1> <lora:ink:1>"))
+    assert any("nothere" in c for c in p.comments)
+    assert "nothere" in p.extra_generation_params["Lora warnings"]
+    assert not _same(glue.tm.root, snap)
+    net.deactivate(p)
+    assert _same(glue.tm.root, snap)
+
+
+def test_step_callback_moves_scheduled_weights(glue):
+    net = glue.mod.EXTRA_NETWORK
+    p = _p(glue.shared, steps=4)
+    net.activate(p, _params(glue.en, "<lora:ink:0@1,1@3>"))   # off for steps 1-2, on from step 3
+    snap = _snapshot(glue.tm.root)
+    net.deactivate(p)
+    base = _snapshot(glue.tm.root)
+    net.activate(p, _params(glue.en, "<lora:ink:0@1,1@3>"))
+    assert _same(glue.tm.root, snap) and _same(glue.tm.root, base)   # step 1: weight 0
+    den = SimpleNamespace(step=2, total_steps=4)                     # the 3rd denoiser call
+    glue.mod.on_cfg_denoiser(SimpleNamespace(denoiser=den, sampling_step=1, total_sampling_steps=4))
+    assert not _same(glue.tm.root, base)
+    net.deactivate(p)
+    assert _same(glue.tm.root, base)
+
+
+def test_te_schedule_encodes_per_segment_and_splices(glue):
+    from modules import prompt_parser as pp
+    net = glue.mod.EXTRA_NETWORK
+    te = glue.tm.text_encoders[0]
+    probe = next(n for n, _ in te.named_parameters() if n.endswith("q_proj.weight"))
+
+    def encode(model, prompts, steps, hires_steps=None, use_old=False):
+        w = dict(te.named_parameters())[probe].detach().clone()
+        return [[pp.ScheduledPromptConditioning(steps, w)] for _ in prompts]
+
+    calls = {}
+
+    def get_conds_with_caching(function, prompts, steps, caches, extra_network_data, hires_steps=None):
+        calls["n"] = calls.get("n", 0) + 1
+        return function(glue.tm.root, prompts, steps, hires_steps, False)
+
+    p = _p(glue.shared, steps=10)
+    p.get_conds_with_caching = get_conds_with_caching
+    net.activate(p, _params(glue.en, "<lora:ink:te=0@1,1@6:unet=1>"))
+    conds = p.get_conds_with_caching(encode, ["a cat"], 10, [None], None)
+    (sched,) = conds
+    assert [e.end_at_step for e in sched] == [4, 10]                   # steps 1-5 -> index 0..4, then 6-10
+    assert not torch.equal(sched[0].cond, sched[1].cond)
+    assert [c.cond for c in [sched[0]]][0].shape == sched[1].cond.shape
+    assert torch.equal(pp.reconstruct_cond_batch(conds, 4)[0], sched[0].cond)
+    assert torch.equal(pp.reconstruct_cond_batch(conds, 5)[0], sched[1].cond)
+    net.deactivate(p)
+
+
+def test_splice_keeps_prompt_editing():
+    spec = importlib.util.spec_from_file_location("glue_splice", ROOT / "scripts" / "lycoris_loader.py")
+    # splice_schedules is pure; take it from the module text without the host (import needs stubs)
+    sys.path.insert(0, str(STUBS))
+    try:
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(STUBS))
+    seg_a = [(3, "a0"), (9, "a1")]      # prompt edit at 0-based step 3
+    seg_b = [(3, "b0"), (9, "b1")]
+    assert mod.splice_schedules([seg_a, seg_b], [5, 9]) == [(3, "a0"), (5, "a1"), (9, "b1")]
+    assert mod.splice_schedules([seg_a, seg_b], [1, 9]) == [(1, "a0"), (3, "b0"), (9, "b1")]
+
+
+def test_infotext_paste_restores_local_names(glue):
+    h = addnet_hash(glue.dir / "ink.safetensors")[:12]
+    params = {"Prompt": "a <lora:somebody_else_name:0.7> cat", "Lora hashes": f"somebody_else_name: {h}"}
+    glue.mod.on_infotext_pasted("", params)
+    assert params["Prompt"] == "a <lora:ink:0.7> cat"
+
+
+def test_trigger_words_inserted_when_enabled(glue):
+    import json
+    (glue.dir / "ink.json").write_text(json.dumps({"activation text": "inkstyle, bold lines"}))
+    glue.shared.opts.lycoris_trigger_words = 1
+    p = _p(glue.shared, prompt="a cat, _tags_, outdoors")
+    glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:1>"))
+    assert p.prompts == ["a cat, inkstyle, outdoors"]
+    glue.mod.EXTRA_NETWORK.deactivate(p)
+    assert glue.mod.insert_words("inkstyle cat", ["inkstyle"]) == "inkstyle cat"
+    assert glue.mod.insert_words("cat", ["a", "b"]) == "cat, a, b"
+
+
+def test_preload_adds_folders_once(monkeypatch):
+    import argparse
+    monkeypatch.syspath_prepend(str(STUBS))
+    spec = importlib.util.spec_from_file_location("lycoris_preload", ROOT / "preload.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    parser = argparse.ArgumentParser()
+    mod.preload(parser)
+    mod.preload(parser)          # the built-in's preload ran first: nothing is added twice
+    args = parser.parse_args(["--lyco-dir", "/x"])
+    assert args.lyco_dir_backcompat == "/x" and args.lora_dir.endswith("Lora")
