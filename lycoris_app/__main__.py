@@ -1,0 +1,177 @@
+"""Command line: `python -m lycoris_app serve | generate | networks`.
+
+    python -m lycoris_app serve [--port 7861]                       # the Gradio app on 127.0.0.1
+    python -m lycoris_app generate "a cat <lora:inkwash_lora:0.8>" --steps 4 --seed 1 -o out.png
+    python -m lycoris_app generate "P1" "P2" -o out.png              # one model load: out-0.png, out-1.png
+    python -m lycoris_app networks [--json]                          # what the Networks panel shows
+
+Common options: --data-dir, --ckpt FILE.safetensors (default: the embedded default model),
+--networks DIR (more network folders), --threads N, --device cpu|cuda.
+Exit status of `generate`: 0 with an image even when tags warn (warnings go to stderr); 2 for bad options.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("lycoris_app")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="app data (networks/, tokenizer file); default ~/.cache/lycoris_app "
+                                      "or $LYCORIS_APP_DATA")
+    p.add_argument("--ckpt", type=Path, help="single-file SD1.x/SD2.x/SDXL checkpoint (.safetensors); "
+                                             "default: the embedded default model")
+    p.add_argument("--networks", action="append", default=[], help="another networks folder (repeatable)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the embedded model)")
+    p.add_argument("--device", default="cpu", help="torch device for a checkpoint (cpu, cuda)")
+    p.add_argument("--v-prediction", action=argparse.BooleanOptionalAction, default=None,
+                   help="the checkpoint predicts v (default: SD2 yes, others no)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .sampling import SAMPLERS
+
+    ap = argparse.ArgumentParser(prog="python -m lycoris_app", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="start the Gradio app on 127.0.0.1")
+    _common(s)
+    s.add_argument("--port", type=int, default=7861)
+    g = sub.add_parser("generate", help="generate images from prompts with tags")
+    _common(g)
+    g.add_argument("prompts", nargs="+", help="prompt(s) with <lora:...>/<lyco:...> tags")
+    g.add_argument("-n", "--negative", default="")
+    g.add_argument("--steps", type=int, default=4)
+    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--cfg", type=float, default=7.0)
+    g.add_argument("-W", "--width", type=int)
+    g.add_argument("-H", "--height", type=int)
+    g.add_argument("--sampler", default="Euler", choices=list(SAMPLERS))
+    g.add_argument("--mode", default="merge", choices=["merge", "bypass"])
+    g.add_argument("--hires-scale", type=float, default=1.0, help="> 1 adds a hires pass")
+    g.add_argument("--hires-steps", type=int, default=0)
+    g.add_argument("--denoise", type=float, default=0.5)
+    g.add_argument("-o", "--output", type=Path, default=Path("out.png"))
+    g.add_argument("--json", action="store_true", help="print one JSON object per image on stdout")
+    g.add_argument("--no-progress", action="store_true")
+    n = sub.add_parser("networks", help="list the networks (base model, types, trigger words)")
+    _common(n)
+    n.add_argument("--json", action="store_true")
+    return ap
+
+
+def _config(a: argparse.Namespace):
+    from .app import AppConfig, data_dir
+
+    return AppConfig(data_dir=data_dir(a.data_dir), checkpoint=a.ckpt, networks=a.networks, threads=a.threads,
+                     device=a.device, v_prediction=a.v_prediction)
+
+
+def _outputs(output: Path, n: int) -> list:
+    if n == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(n)]
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .app import open_session
+    from .sampling import GenParams, save_png
+
+    session = open_session(_config(a))
+    size = session.model.default_size
+    for prompt, out in zip(a.prompts, _outputs(a.output, len(a.prompts))):
+        p = GenParams(prompt=prompt, negative=a.negative, steps=a.steps, seed=a.seed, cfg=a.cfg,
+                      width=a.width or size, height=a.height or size, sampler=a.sampler, mode=a.mode,
+                      hires_scale=a.hires_scale, hires_steps=a.hires_steps, denoise=a.denoise)
+        bars: dict = {}
+
+        def progress(step: int, total: int, phase: str) -> None:
+            if a.no_progress:
+                return
+            bar = bars.get(phase)
+            if bar is None:
+                bar = bars[phase] = tqdm(total=total, desc=phase, unit="step", file=sys.stderr, leave=True)
+            bar.update(1)
+
+        try:
+            session.check(p)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        r = session.generate(p, progress)
+        for bar in bars.values():
+            bar.close()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_png(r.image, r.infotext, out)
+        for w in r.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        if a.json:
+            print(json.dumps({"output": str(out), "infotext": r.infotext, "warnings": r.warnings,
+                              "weights": r.weights, "hires_weights": r.hires_weights, "seconds": round(r.seconds, 3)}))
+        else:
+            print(f"{out}  ({r.seconds:.2f} s)")
+    return 0
+
+
+def network_cards(session) -> list:
+    """One dict per network file: name, tag, base model, types, trigger words, preview path, problems."""
+    from lib_lycoris.errors import LycorisError
+    from lib_lycoris.inspect import describe
+
+    cards = []
+    session.runtime.refresh()
+    for e in sorted(session.runtime.index.entries(), key=lambda e: e.relname.lower()):
+        card = {"name": e.relname, "file": str(e.path), "tag": f"<lora:{e.relname}:1>", "alias": e.alias}
+        preview = next((p for p in (e.path.with_suffix(".preview.png"), e.path.with_suffix(".png")) if p.is_file()), None)
+        card["preview"] = str(preview) if preview else None
+        try:
+            d = describe(session.runtime.cache.get(e.path, e.stem))
+            card.update(base_model=d["base_model"], algos=d["algos"], trigger_words=d["trigger_words"],
+                        training_tags=[t for t, _ in d["training_tags"][:8]], modules=d["modules"], error=None)
+        except LycorisError as err:
+            log.warning("%s: %s", e.path, err)
+            card.update(base_model="?", algos={}, trigger_words=[], training_tags=[], modules=0, error=str(err))
+        cards.append(card)
+    return cards
+
+
+def cmd_networks(a: argparse.Namespace) -> int:
+    from .app import open_session
+
+    cards = network_cards(open_session(_config(a)))
+    if a.json:
+        print(json.dumps(cards, indent=1))
+    else:
+        for c in cards:
+            algos = ", ".join(f"{k}×{v}" for k, v in c["algos"].items())
+            print(f"{c['tag']:32} {c['base_model']:6} {algos:24} {', '.join(c['trigger_words'])}"
+                  + (f"  ERROR {c['error']}" if c["error"] else ""))
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .app import open_session
+    from .ui import serve
+
+    serve(open_session(_config(a)), port=a.port)
+    return 0
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("diffusers", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not a.verbose:   # the engine's per-tag warnings come back in the result and are printed once
+        logging.getLogger("lycoris").setLevel(logging.ERROR)
+    return {"generate": cmd_generate, "networks": cmd_networks, "serve": cmd_serve}[a.command](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The standalone host end to end: the CLI on the embedded default model, and the app's parts in-process.
+
+The CLI runs as a user would run it (`python -m lycoris_app generate ...`) in a temporary data dir; several
+prompts go through one process, so "removing the tag gives the original bits back" checks the Patcher's
+restore inside a live host, and a second process checks that the default model is deterministic.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+LORA = "inkwash_lora"
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _cli(*args: str, data_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "lycoris_app", *args, "--data-dir", str(data_dir)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lycoris_app")
+
+
+@pytest.fixture(scope="module")
+def cli_run(data_dir, tmp_path_factory):
+    """One CLI process, six prompts: base, tag, base again, schedule, its two constant parts, bad tags."""
+    out = tmp_path_factory.mktemp("out") / "img.png"
+    prompts = [
+        "a red cat",
+        f"a red cat <lora:{LORA}:1>",
+        "a red cat",
+        f"a red cat <lora:{LORA}:0@1,1@3>",     # 0 for steps 1-2, 1 for steps 3-4
+        f"a red cat <lora:{LORA}:0>",
+        "a red cat <lora:no_such_network:1> <lora:moss_loha:1:lbw=1,2>",
+    ]
+    r = _cli("generate", *prompts, "--steps", "4", "--seed", "7", "-o", str(out), "--json", data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(prompts)
+    return prompts, rows, r.stderr
+
+
+def test_cli_tag_changes_image_and_removing_it_restores_the_bits(cli_run):
+    _, rows, _ = cli_run
+    base, tagged, again = (_pixels(Path(rows[i]["output"])) for i in range(3))
+    assert base.shape == (64, 64, 3)
+    assert np.abs(tagged.astype(int) - base.astype(int)).mean() > 1.0, "the network did not change the image"
+    assert np.array_equal(again, base), "the model was not restored after the tagged image"
+    assert Path(rows[0]["output"]).read_bytes() == Path(rows[2]["output"]).read_bytes()
+
+
+def test_cli_infotext_has_lora_hashes(cli_run, data_dir):
+    from lib_lycoris.files import addnet_hash
+
+    _, rows, _ = cli_run
+    info = rows[1]["infotext"]
+    h = addnet_hash(data_dir / "networks" / f"{LORA}.safetensors")[:12]
+    assert f'Lora hashes: "{LORA}: {h}"' in info
+    assert "Steps: 4" in info and "Seed: 7" in info and "Size: 64x64" in info
+    assert "Lora hashes" not in rows[0]["infotext"]
+    png = Image.open(rows[1]["output"])
+    assert png.text["parameters"] == info           # the WebUI's PNG text chunk
+
+
+def test_cli_schedule_differs_from_its_constant_parts(cli_run):
+    _, rows, _ = cli_run
+    base, full, sched, zero = (_pixels(Path(rows[i]["output"])) for i in (0, 1, 3, 4))
+    assert rows[3]["weights"][LORA]["unet"] == [0.0, 0.0, 1.0, 1.0]
+    assert not np.array_equal(sched, full)
+    assert not np.array_equal(sched, base)
+    assert np.array_equal(zero, base), "weight 0 must switch the network off exactly"
+
+
+def test_cli_bad_tags_warn_and_still_give_an_image(cli_run):
+    _, rows, stderr = cli_run
+    warnings = rows[5]["warnings"]
+    assert any("no_such_network" in w for w in warnings), warnings
+    assert any("lbw" in w for w in warnings), warnings
+    assert "warning: <lora:no_such_network" in stderr
+    assert _pixels(Path(rows[5]["output"])).shape == (64, 64, 3)
+    assert "moss_loha" in rows[5]["infotext"]        # the good tag of the same prompt still applied
+
+
+def test_cli_is_deterministic_across_processes(cli_run, data_dir, tmp_path):
+    _, rows, _ = cli_run
+    out = tmp_path / "again.png"
+    r = _cli("generate", f"a red cat <lora:{LORA}:1>", "--steps", "4", "--seed", "7", "-o", str(out),
+             "--no-progress", data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert out.read_bytes() == Path(rows[1]["output"]).read_bytes()
+
+
+def test_cli_networks_lists_the_examples(cli_run, data_dir):
+    r = _cli("networks", "--json", data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cards = {c["name"]: c for c in json.loads(r.stdout)}
+    assert set(cards) >= {"inkwash_lora", "moss_loha", "brass_lokr", "glass_oft"}
+    assert cards["moss_loha"]["algos"] == {"loha": cards["moss_loha"]["modules"]}
+    assert cards["glass_oft"]["trigger_words"] == ["stained glass"]
+    assert all(c["base_model"] == "sd1" and c["preview"] and c["error"] is None for c in cards.values())
+
+
+def test_cli_bad_option_exits_2(data_dir):
+    r = _cli("generate", "x", "--steps", "0", "-o", "/dev/null", data_dir=data_dir)
+    assert r.returncode == 2 and "steps" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# In-process: te segments, hires pass, bypass mode, tokenizer, single-file checkpoints
+
+@pytest.fixture(scope="module")
+def session(data_dir, cli_run):
+    from lycoris_app.app import AppConfig, open_session
+
+    return open_session(AppConfig(data_dir=data_dir))
+
+
+def _gen(session, prompt: str, **kw) -> np.ndarray:
+    from lycoris_app.sampling import GenParams
+
+    r = session.generate(GenParams(prompt, steps=4, seed=3, **kw))
+    return np.asarray(r.image)
+
+
+def test_te_schedule_encodes_per_segment(session):
+    const0 = _gen(session, f"a dog <lora:{LORA}:te=0:unet=0>")
+    const1 = _gen(session, f"a dog <lora:{LORA}:te=1:unet=0>")
+    sched = _gen(session, f"a dog <lora:{LORA}:te=0@1,1@3:unet=0>")
+    assert not np.array_equal(const0, const1)
+    assert not np.array_equal(sched, const0) and not np.array_equal(sched, const1)
+
+
+def test_hires_pass_uses_hires_weights(session):
+    from lycoris_app.sampling import GenParams
+
+    kw = dict(hires_scale=2.0, hires_steps=4, denoise=0.5)
+    r = session.generate(GenParams(f"a dog <lora:{LORA}:1:hr=0>", steps=4, seed=3, **kw))
+    assert r.image.size == (128, 128)
+    assert r.weights[LORA]["unet"] == [1.0] * 4
+    assert set(r.hires_weights[LORA]["unet"]) == {0.0}
+    assert "Hires upscale: 2" in r.infotext
+    off = np.asarray(r.image)
+    on = np.asarray(session.generate(GenParams(f"a dog <lora:{LORA}:1>", steps=4, seed=3, **kw)).image)
+    assert not np.array_equal(off, on)
+
+
+def test_bypass_mode_is_close_to_merge(session):
+    merge = _gen(session, f"a dog <lora:{LORA}:0.7>").astype(int)
+    bypass = _gen(session, f"a dog <lora:{LORA}:0.7>", mode="bypass").astype(int)
+    base = _gen(session, "a dog").astype(int)
+    assert np.abs(merge - bypass).mean() < 0.1 * np.abs(merge - base).mean()
+
+
+def test_every_example_type_and_sampler_runs(session):
+    base = _gen(session, "a dog")
+    for name in ("moss_loha", "brass_lokr", "glass_oft"):
+        assert not np.array_equal(_gen(session, f"a dog <lyco:{name}:1>"), base), name
+    for sampler in ("Euler a", "DDIM", "DPM++ 2M"):
+        assert _gen(session, f"a dog <lora:{LORA}:0.5>", sampler=sampler).shape == (64, 64, 3)
+
+
+def test_tokenizer_matches_openai_clip_ids(data_dir):
+    from lycoris_app.tokenizer import VOCAB_SIZE, clip_tokenizer
+
+    tok = clip_tokenizer(data_dir)
+    assert len(tok) == VOCAB_SIZE
+    # openai/CLIP: clip.tokenize("a photo of a cat") -> 49406 320 1125 539 320 2368 49407
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tok("Masterpiece!!").input_ids == [49406, 12066, 748, 49407]
