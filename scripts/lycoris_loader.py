@@ -458,6 +458,7 @@ def _replace_routes(app, paths: set) -> None:
 
 def on_app_started(_demo, app) -> None:
     from fastapi import HTTPException
+    take_over()
     _replace_routes(app, {"/sdapi/v1/loras", "/sdapi/v1/refresh-loras"})
 
     @app.get("/sdapi/v1/loras")
@@ -545,6 +546,8 @@ def make_page(ui_extra_networks):
     """The page class, made against the host's base class."""
 
     class LycorisPage(ui_extra_networks.ExtraNetworksPage):
+        lycoris = True
+
         def __init__(self) -> None:
             super().__init__("Lora")
             self.allow_negative_prompt = True
@@ -670,19 +673,40 @@ def make_editor():
 EXTRA_NETWORK = ExtraNetworkLycoris()
 
 
-def before_ui() -> None:
-    """Runs after the built-in's before_ui (built-in extensions load first): take over `lora` and `lyco`."""
-    extra_networks.register_extra_network(EXTRA_NETWORK)
+def take_over() -> None:
+    """Make ours the `lora` handler, the `lyco` alias and the Lora page (idempotent).
+
+    A1111 runs before_ui callbacks in reverse registration order, so the built-in Lora extension's
+    before_ui runs after ours and registers its handler and page again; this is therefore also called
+    from the first on_before_component (all before_ui done, Networks tab not yet built) and on_app_started.
+    """
+    if extra_networks.extra_network_registry.get("lora") is not EXTRA_NETWORK:
+        extra_networks.register_extra_network(EXTRA_NETWORK)
+        log.info("lycoris-loader handles <lora:...> and <lyco:...> (built-in Lora handler replaced)")
     extra_networks.register_extra_network_alias(EXTRA_NETWORK, "lyco")
     try:
         from modules import ui_extra_networks
-    except ImportError as e:   # no UI (tests, --nowebui without gradio): tags still work
-        log.info("no Networks tab page: %s", e)
+    except ImportError as e:   # no UI (tests, hosts without gradio): tags still work
+        log.debug("no Networks tab page: %s", e)
         return
-    ui_extra_networks.extra_pages[:] = [pg for pg in ui_extra_networks.extra_pages
-                                        if getattr(pg, "name", None) != "lora"]
-    ui_extra_networks.register_page(make_page(ui_extra_networks)())
-    log.info("lycoris-loader handles <lora:...> and <lyco:...> (built-in Lora handler replaced)")
+    pages = ui_extra_networks.extra_pages
+    if any(getattr(pg, "name", None) == "lora" and not getattr(pg, "lycoris", False) for pg in pages) or \
+            not any(getattr(pg, "lycoris", False) for pg in pages):
+        pages[:] = [pg for pg in pages if getattr(pg, "name", None) != "lora"]
+        ui_extra_networks.register_page(make_page(ui_extra_networks)())
+
+
+def before_ui() -> None:
+    take_over()
+
+
+_COMPONENTS_SEEN = []
+
+
+def before_component(component, **kwargs) -> None:
+    if not _COMPONENTS_SEEN:
+        _COMPONENTS_SEEN.append(True)
+        take_over()
 
 
 def on_ui_settings() -> None:
@@ -718,6 +742,7 @@ def _unload() -> None:
 
 
 script_callbacks.on_before_ui(before_ui)
+script_callbacks.on_before_component(before_component)
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_model_loaded(_model_loaded)
 script_callbacks.on_cfg_denoiser(on_cfg_denoiser)

@@ -74,6 +74,11 @@ def _same(model, snap) -> bool:
 
 def test_takes_over_lora_and_lyco(glue):
     glue.mod.before_ui()
+    # A1111 runs before_ui callbacks in reverse order: the built-in registers itself again after ours ...
+    glue.en.register_extra_network(glue.builtin)
+    glue.en.register_extra_network_alias(glue.builtin, "lyco")
+    # ... and the first component built (all before_ui done) takes it back.
+    glue.mod.before_component(None)
     assert glue.en.extra_network_registry["lora"] is glue.mod.EXTRA_NETWORK
     assert glue.en.extra_network_aliases["lyco"] is glue.mod.EXTRA_NETWORK
     assert glue.builtin not in glue.en.extra_network_registry.values()
