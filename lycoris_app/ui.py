@@ -1,0 +1,152 @@
+"""The Gradio app: the parts of the WebUI this extension lives in, on 127.0.0.1 only.
+
+txt2img controls (prompt and negative prompt with tags, steps, seed, CFG, size, sampler, hires pass,
+merge/bypass), a Networks panel with one card per network file (preview, base-model badge, types,
+trigger words; its button inserts the tag), and the outputs of Generate: the image (a PNG with the
+infotext in its `parameters` chunk, saved under <data dir>/outputs), the infotext, every warning, and a
+plot of each network's te/unet weight per step. All work is `Session.generate`; this file only lays out.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import os
+import re
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # no telemetry calls from a local tool
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .sampling import SAMPLERS, GenParams, Session, save_png
+
+log = logging.getLogger("lycoris_app")
+
+HOST = "127.0.0.1"
+CSS = """
+.network-card { min-width: 150px !important; max-width: 190px; border: 1px solid var(--border-color-primary);
+                border-radius: 8px; padding: 6px !important; }
+.network-card img { width: 100%; aspect-ratio: 1; image-rendering: pixelated; border-radius: 4px; }
+.badge { display: inline-block; font-size: 11px; padding: 0 6px; border-radius: 9px; margin-right: 4px;
+         background: var(--color-accent-soft); }
+.badge.base { background: #2563eb; color: white; }
+.triggers { font-size: 12px; opacity: .8; }
+#warnings textarea { color: #b45309; }
+#result-image img { min-width: 256px; image-rendering: pixelated; }   /* 64×64 default images, shown 4× */
+"""
+
+
+def _card_html(card: dict) -> str:
+    img = (f'<img src="/gradio_api/file={html.escape(card["preview"])}" alt="preview of {html.escape(card["name"])}">'
+           if card.get("preview") else '<div class="no-preview">no preview</div>')
+    algos = "".join(f'<span class="badge">{html.escape(a)}</span>' for a in card.get("algos", {}))
+    triggers = ", ".join(card.get("trigger_words") or []) or "no trigger words"
+    error = f'<div class="error">{html.escape(card["error"])}</div>' if card.get("error") else ""
+    return (f'{img}<div><span class="badge base">{html.escape(str(card.get("base_model", "?")).upper())}</span>'
+            f'{algos}</div><div class="triggers" title="trigger words">{html.escape(triggers)}</div>{error}')
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name)
+
+
+def _insert(prompt: str, tag: str) -> str:
+    """Append the tag as the WebUI's card click does (one space apart; not twice)."""
+    prompt = prompt or ""
+    if tag in prompt:
+        return prompt
+    return f"{prompt.rstrip()} {tag}".strip()
+
+
+def build(session: Session) -> gr.Blocks:
+    from .__main__ import network_cards
+
+    model = session.model
+    outputs = Path(session.runtime.roots[0]).parent / "outputs"
+    outputs.mkdir(parents=True, exist_ok=True)
+
+    def generate(prompt, negative, steps, seed, cfg, width, height, sampler, mode, hires, hr_scale, hr_steps,
+                 denoise, progress=gr.Progress()):
+        p = GenParams(prompt=prompt or "", negative=negative or "", steps=int(steps), seed=int(seed), cfg=float(cfg),
+                      width=int(width), height=int(height), sampler=sampler, mode=mode,
+                      hires_scale=float(hr_scale) if hires else 1.0, hires_steps=int(hr_steps), denoise=float(denoise))
+        try:
+            session.check(p)
+        except ValueError as e:
+            raise gr.Error(str(e))
+        r = session.generate(p, lambda s, n, phase: progress((s, n), desc=phase))
+        n = len(list(outputs.glob("*.png")))
+        path = outputs / f"{n:05d}-{p.seed}.png"
+        save_png(r.image, r.infotext, path)
+        warnings = "\n".join(f"⚠ {w}" for w in r.warnings) or "no warnings"
+        plot = pd.DataFrame(r.weight_rows() or [(1, 0.0, "no networks")], columns=["step", "weight", "series"])
+        return str(path), r.infotext, warnings, plot
+
+    with gr.Blocks(title="LyCORIS standalone", analytics_enabled=False) as demo:
+        gr.Markdown(f"## LyCORIS networks: standalone host\nModel: **{model.name}** ({model.arch.upper()}, "
+                    f"hash {model.short_hash})")
+        if model.embedded:
+            gr.Markdown("**This is the embedded default model: tiny, with random weights from a fixed seed. It draws "
+                        "noise-like images.** Everything else is real: tags, schedules, block weights and the "
+                        "example networks change those images exactly as they would change a real model's. "
+                        "Start with `--ckpt your_model.safetensors` to use your own SD1.x/SD2.x/SDXL checkpoint.",
+                        elem_id="default-model-note")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
+                                    value="a lighthouse at dusk <lora:inkwash_lora:0.8>" if model.embedded else "")
+                negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
+                with gr.Row():
+                    steps = gr.Slider(1, 150, value=4 if model.embedded else 20, step=1, label="Steps", elem_id="steps")
+                    sampler = gr.Dropdown(list(SAMPLERS), value="Euler", label="Sampler", elem_id="sampler")
+                    cfg = gr.Slider(1, 20, value=7, step=0.5, label="CFG scale", elem_id="cfg")
+                with gr.Row():
+                    size = model.default_size
+                    width = gr.Slider(8, 2048, value=size, step=8, label="Width", elem_id="width")
+                    height = gr.Slider(8, 2048, value=size, step=8, label="Height", elem_id="height")
+                    seed = gr.Number(value=1, precision=0, label="Seed", elem_id="seed")
+                with gr.Accordion("Hires. fix and network mode", open=False):
+                    with gr.Row():
+                        hires = gr.Checkbox(value=False, label="Hires. fix", elem_id="hires")
+                        hr_scale = gr.Slider(1, 4, value=2, step=0.25, label="Upscale by")
+                        hr_steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0 = same)")
+                        denoise = gr.Slider(0.05, 1, value=0.5, step=0.05, label="Denoising strength")
+                    mode = gr.Radio(["merge", "bypass"], value="merge", label="Network mode",
+                                    info="merge writes the weights; bypass adds forward hooks")
+                go = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=2):
+                image = gr.Image(label="Image", type="filepath", format="png", elem_id="result-image",
+                                 interactive=False, height=320)
+                info = gr.Textbox(label="Infotext", lines=4, elem_id="infotext", interactive=False)
+                warn = gr.Textbox(label="Warnings", lines=2, elem_id="warnings", interactive=False)
+        plot = gr.LinePlot(x="step", y="weight", color="series", label="Network weight per step (te / unet)",
+                           elem_id="weights-plot", height=300, x_axis_format="d", x_title="step")
+        with gr.Accordion("Networks", open=True, elem_id="networks-panel"):
+            refresh = gr.Button("Refresh", size="sm", elem_id="networks-refresh")
+
+            @gr.render(triggers=[demo.load, refresh.click])
+            def cards():
+                found = network_cards(session)
+                if not found:
+                    gr.Markdown(f"No network files in {session.runtime.roots[0]}.")
+                with gr.Row():
+                    for card in found:
+                        with gr.Column(elem_classes=["network-card"], elem_id=f"card-{_slug(card['name'])}",
+                                       min_width=150, scale=0):
+                            gr.HTML(_card_html(card))
+                            b = gr.Button(card["name"], size="sm", elem_classes=["card-insert"],
+                                          elem_id=f"insert-{_slug(card['name'])}")
+                            b.click(lambda p, tag=card["tag"]: _insert(p, tag), inputs=prompt, outputs=prompt)
+
+        inputs = [prompt, negative, steps, seed, cfg, width, height, sampler, mode, hires, hr_scale, hr_steps, denoise]
+        go.click(generate, inputs=inputs, outputs=[image, info, warn, plot], concurrency_limit=1)
+    demo.lycoris_outputs = outputs
+    return demo
+
+
+def serve(session: Session, port: int = 7861, block: bool = True) -> gr.Blocks:
+    demo = build(session)
+    roots = [str(r) for r in session.runtime.roots] + [str(demo.lycoris_outputs)]
+    demo.queue().launch(server_name=HOST, server_port=port, share=False, allowed_paths=roots, css=CSS,
+                        prevent_thread_lock=not block, footer_links=[], quiet=False)
+    return demo
