@@ -113,13 +113,15 @@ class _Slot:
 class ApplyStats:
     networks: int = 0
     slots_written: int = 0
+    load_s: float = 0.0        # reading files (measured by the caller, e.g. Runtime)
     bind_s: float = 0.0
     write_s: float = 0.0
     reports: list = field(default_factory=list)
 
     def line(self) -> str:
-        return (f"applied {self.networks} network(s): {self.slots_written} weights written, "
-                f"bind {self.bind_s * 1e3:.1f} ms, compute+write {self.write_s * 1e3:.1f} ms")
+        return (f"applied {self.networks} network(s): {self.slots_written} weights written; "
+                f"load {self.load_s * 1e3:.1f} ms, bind {self.bind_s * 1e3:.1f} ms, "
+                f"compute+write {self.write_s * 1e3:.1f} ms")
 
 
 class Patcher:
@@ -161,7 +163,7 @@ class Patcher:
         return b.report
 
     def apply(self, items: Sequence[tuple], *, step: Optional[int] = None, total: Optional[int] = None,
-              hires: Optional[bool] = None, mode: str = "merge") -> ApplyStats:
+              hires: Optional[bool] = None, mode: str = "merge", load_s: float = 0.0) -> ApplyStats:
         """Make the model equal base + these networks. items: (Network, request[, mode]).
 
         The same set again is a no-op; a changed set touches only weights whose effective value changed.
@@ -173,7 +175,7 @@ class Patcher:
             self.total = total
         if hires is not None:
             self.hires = hires
-        stats = ApplyStats(networks=len(items))
+        stats = ApplyStats(networks=len(items), load_s=load_s)
         t0 = time.perf_counter()
         wanted: dict = {}
         for item in items:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from .errors import LycorisError
 from .files import read_metadata
@@ -139,8 +140,12 @@ def te_segments(requests: Sequence[NetworkRequest], total: int, hires: bool = Fa
 class Runtime:
     """Network folders, the name index and the parsed-network cache of one host process."""
 
-    def __init__(self, roots: Iterable[Union[str, Path]], cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(self, roots: Iterable[Union[str, Path]], cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 presets: Optional[Mapping[str, Sequence[float]]] = None) -> None:
+        """Args: roots: network folders, searched in order; presets: LBW presets besides the built-in ones
+        (e.g. `blocks.load_user_presets(extension_root)[0]`)."""
         self.roots = [Path(r) for r in roots]
+        self.presets = dict(presets) if presets else None
         self.index = NetworkIndex(self.roots, read_alias=_alias)
         self.cache = NetworkCache(cache_bytes)
 
@@ -155,14 +160,18 @@ class Runtime:
                  hires: bool = False, mode: str = "merge", step: int = 1) -> Activation:
         """Parse (if given a prompt), resolve, load, bind and apply; never raises for a tag's problem."""
         if isinstance(prompt, str):
-            parsed = parse_prompt(prompt)
+            parsed = parse_prompt(prompt, presets=self.presets)
             act = Activation(prompt=parsed.prompt, requests=list(parsed.requests), warnings=list(parsed.warnings))
         else:
             act = Activation(prompt="", requests=list(prompt))
         items = []
+        load_s = 0.0
         for req in act.requests:
+            act.warnings += req.check_steps(steps) if not hires else req.check_steps(steps, steps)
             try:
+                t0 = time.perf_counter()
                 net = self.load(req.name)
+                load_s += time.perf_counter() - t0
                 report = patcher.prepare(net)
             except LycorisError as e:
                 act.warnings.append(f"<{req.kind}:{req.name}> skipped: {e}")
@@ -171,6 +180,6 @@ class Runtime:
             act.warnings += [f"<{req.kind}:{req.name}> {w}" for w in report.warnings()]
             items.append((net, req, mode))
             act.used.append((req, net))
-        act.stats = patcher.apply(items, step=step, total=steps, hires=hires)
+        act.stats = patcher.apply(items, step=step, total=steps, hires=hires, load_s=load_s)
         act.te_segments = te_segments(act.requests, steps, hires)
         return act
