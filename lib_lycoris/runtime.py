@@ -167,7 +167,8 @@ class Runtime:
         items = []
         load_s = 0.0
         for req in act.requests:
-            act.warnings += req.check_steps(steps) if not hires else req.check_steps(steps, steps)
+            if not hires:
+                act.warnings += req.check_steps(steps)
             try:
                 t0 = time.perf_counter()
                 net = self.load(req.name)
