@@ -15,7 +15,7 @@ import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Mapping, Union
 
 import torch
 

@@ -12,7 +12,7 @@ import torch
 
 from .compose import merged, merged_bias
 from .modelmap import ModelMap
-from .network import LoadReport, Network, bind
+from .network import bind
 
 log = logging.getLogger("lycoris")
 

@@ -219,6 +219,14 @@ def _from_metadata(md: dict) -> Optional[tuple]:
     return None
 
 
+def _input_width(adapter: Adapter) -> Optional[int]:
+    """Input features of a Linear delta (numel / out), where the type tells its full shape."""
+    if not adapter.additive or adapter.numel() <= 0:
+        return None
+    out = adapter.out_features()
+    return adapter.numel() // out if out > 0 else None
+
+
 def detect_base_model(metadata: dict, modules: dict) -> tuple:
     """('sd1'|'sd2'|'sdxl'|'unknown', reason): metadata first, then key names and shapes."""
     by_meta = _from_metadata(metadata)
@@ -228,11 +236,8 @@ def detect_base_model(metadata: dict, modules: dict) -> tuple:
     if "te2" in comps:
         return "sdxl", "has a second text encoder (lora_te2_)"
     for m in modules.values():
-        if m.component == "unet" and re.search(r"attn2_to_[kv]$", m.body) and m.adapter.additive:
-            try:
-                width = m.adapter.numel() // m.adapter.out_features()
-            except (NotImplementedError, ZeroDivisionError):
-                continue
+        if m.component == "unet" and re.search(r"attn2_to_[kv]$", m.body):
+            width = _input_width(m.adapter)
             if width in _CONTEXT_DIM:
                 return _CONTEXT_DIM[width], f"cross-attention input width {width} ({m.body})"
     for m in modules.values():
@@ -241,11 +246,8 @@ def detect_base_model(metadata: dict, modules: dict) -> tuple:
         if m.component == "unet" and re.search(r"transformer_blocks_([2-9]|\d\d)_", m.body):
             return "sdxl", "transformer depth > 2"
     for m in modules.values():
-        if m.component == "te1" and re.search(r"self_attn_q_proj$", m.body) and m.adapter.additive:
-            try:
-                width = m.adapter.numel() // m.adapter.out_features()
-            except (NotImplementedError, ZeroDivisionError):
-                continue
+        if m.component == "te1" and re.search(r"self_attn_q_proj$", m.body):
+            width = _input_width(m.adapter)
             if width in (768, 1024):
                 return ("sd1" if width == 768 else "sd2"), f"text encoder width {width}"
     return "unknown", "no metadata and no telling key shape"

@@ -34,13 +34,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .blocks import BlockMapError, block_id
-from .compose import Contribution, merged, merged_bias
+from .compose import merged, merged_bias
 from .errors import LycorisError
 from .modelmap import ModelMap, Target
 from .network import Binding, LoadReport, Network, bind

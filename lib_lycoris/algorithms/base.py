@@ -115,6 +115,15 @@ def f32(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return t.to(device=device, dtype=torch.float32, non_blocking=True)
 
 
+def oft_extras(tensors: Mapping[str, Tensor], rows: int, where: str, algo: str) -> tuple:
+    """(rescale or None, constraint factor) of an OFT/BOFT module; rescale must have `rows` rows."""
+    rescale = tensors.get("rescale")
+    if rescale is not None:
+        check(rescale.shape[0] == rows, where, f"{algo} rescale {tuple(rescale.shape)} does not match {rows} rows")
+    alpha = tensors.get("alpha")
+    return rescale, 0.0 if alpha is None else float(alpha.float().reshape(-1)[0])
+
+
 # --- shared tensor math -----------------------------------------------------------------------------
 
 def rebuild_tucker(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from .base import Adapter, Tensor, cayley, check, f32, need
+from .base import Adapter, Tensor, cayley, check, f32, need, oft_extras
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,8 @@ class BOFT(Adapter):
         blocks = need(tensors, "oft_blocks", where, cls.algo)
         check(blocks.dim() == 4 and blocks.shape[2] == blocks.shape[3] and blocks.shape[2] % 2 == 0, where,
               f"oft_blocks {tuple(blocks.shape)} must be (stages, blocks, size, size) with an even size")
-        alpha = tensors.get("alpha")
-        rescale = tensors.get("rescale")
-        if rescale is not None:
-            check(rescale.shape[0] == blocks.shape[1] * blocks.shape[2], where,
-                  f"rescale {tuple(rescale.shape)} does not match {blocks.shape[1] * blocks.shape[2]} rows")
-        return cls(blocks=blocks, rescale=rescale,
-                   constraint_factor=0.0 if alpha is None else float(alpha.float().reshape(-1)[0]))
+        rescale, constraint = oft_extras(tensors, blocks.shape[1] * blocks.shape[2], where, cls.algo)
+        return cls(blocks=blocks, rescale=rescale, constraint_factor=constraint)
 
     def scale_for(self, alpha) -> float:
         return 1.0
