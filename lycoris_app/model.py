@@ -182,10 +182,14 @@ def detect_checkpoint_arch(keys) -> str:
 
 
 def load_checkpoint(path: Path, data_dir: Optional[Path] = None, *, device: str = "cpu",
-                    dtype: torch.dtype = torch.float32, v_prediction: Optional[bool] = None) -> Model:
+                    dtype: torch.dtype = torch.float32, v_prediction: Optional[bool] = None,
+                    config_dir: Optional[Path] = None, **components) -> Model:
     """A user's single-file checkpoint, loaded offline with the shipped configs (`configs/<arch>/`).
 
-    v_prediction: None = SD2 is taken as v-prediction (the 768-v models) and the others as epsilon.
+    Args:
+        v_prediction: None = as the config says (SD2: v-prediction, the 768-v models; others epsilon).
+        config_dir: a diffusers config folder to use instead of the shipped one for the detected arch.
+        components: ready components passed on to `from_single_file` (e.g. `vae=`), not read from the file.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors import safe_open
@@ -193,10 +197,10 @@ def load_checkpoint(path: Path, data_dir: Optional[Path] = None, *, device: str 
     path = Path(path)
     with safe_open(str(path), "pt") as f:
         arch = detect_checkpoint_arch(f.keys())
-    cfg = CONFIG_DIR / arch
+    cfg = Path(config_dir) if config_dir is not None else CONFIG_DIR / arch
     # OpenCLIP text towers (SD2, SDXL te2) pad with '!' (id 0); OpenAI CLIP (SD1, SDXL te1) with <|endoftext|>.
     tok1 = clip_tokenizer(data_dir, pad_token="!" if arch == "sd2" else EOS)
-    kw = dict(config=str(cfg), local_files_only=True, torch_dtype=dtype)
+    kw = dict(config=str(cfg), local_files_only=True, torch_dtype=dtype, **components)
     if arch == "sdxl":
         tok2 = clip_tokenizer(data_dir, pad_token="!")
         pipe = StableDiffusionXLPipeline.from_single_file(str(path), tokenizer=tok1, tokenizer_2=tok2, **kw)

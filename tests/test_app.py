@@ -185,3 +185,62 @@ def test_tokenizer_matches_openai_clip_ids(data_dir):
     # openai/CLIP: clip.tokenize("a photo of a cat") -> 49406 320 1125 539 320 2368 49407
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert tok("Masterpiece!!").input_ids == [49406, 12066, 748, 49407]
+
+
+# Parameter counts of the real models (diffusers / transformers): the shipped configs must build exactly these.
+REAL_PARAMS = {
+    "sd1": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+    "sd2": {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
+    "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(REAL_PARAMS))
+def test_shipped_configs_build_the_real_architectures(arch):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lycoris_app.model import CONFIG_DIR
+
+    cfg = CONFIG_DIR / arch
+    with torch.device("meta"):
+        built = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg / "unet")),
+                 "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(cfg / "vae"))}
+        for sub, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            if (cfg / sub).is_dir():
+                built[sub] = cls(CLIPTextConfig.from_pretrained(cfg / sub))
+    assert {k: sum(p.numel() for p in m.parameters()) for k, m in built.items()} == REAL_PARAMS[arch]
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_single_file_checkpoint_loads_offline(arch, tmp_path, data_dir):
+    """A tiny original-layout (LDM/SGM) checkpoint through `load_checkpoint`, configs from a local folder."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from fixtures import models as fm
+    from lib_lycoris.patcher import Patcher
+    from lycoris_app.model import CONFIG_DIR, load_checkpoint
+
+    tiny = {"sd1": fm.sd1_original, "sd2": fm.sd2_original, "sdxl": fm.sdxl_original}[arch](0)
+    cfg = tmp_path / "cfg"
+    shutil.copytree(CONFIG_DIR / arch, cfg)          # the shipped folder, widths swapped for the tiny ones
+    (cfg / "unet" / "config.json").write_text(json.dumps(dict(fm.unet_config(arch), _class_name="UNet2DConditionModel")))
+    for i, te in enumerate(tiny.text_encoders):
+        (cfg / ("text_encoder" if i == 0 else "text_encoder_2") / "config.json").write_text(json.dumps(te.config.to_dict()))
+    ckpt = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.root.state_dict().items()}, str(ckpt))
+    # The fixtures have no VAE; a real checkpoint's `first_stage_model.*` goes through the same loader.
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    model = load_checkpoint(ckpt, data_dir, config_dir=cfg, vae=vae)
+    assert model.arch == arch and len(model.encoders) == len(tiny.text_encoders)
+    ref, got = tiny.unet.state_dict(), model.unet.state_dict()
+    assert set(ref) == set(got) and all(torch.equal(ref[k], got[k]) for k in ref)
+    for te, enc in zip(tiny.text_encoders, model.encoders):
+        a, b = te.state_dict(), enc.model.state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert Patcher(model.patch_root()).modelmap.arch == arch
