@@ -179,8 +179,8 @@ class Session:
         negative = neg.prompt if neg.requests else p.negative
         hires = p.hires_scale > 1
         hsteps = (p.hires_steps or p.steps) if hires else None
-        for req, _ in act.used:
-            more += req.check_steps(p.steps, hsteps)
+        if hires:   # Runtime.activate checked the first pass; the hires pass's problems are added here
+            more += [w for req in act.requests for w in req.check_steps(p.steps, hsteps) if w not in warnings]
         for w in more:
             log.warning("%s", w)
         warnings += more

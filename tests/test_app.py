@@ -244,3 +244,12 @@ def test_single_file_checkpoint_loads_offline(arch, tmp_path, data_dir):
         a, b = te.state_dict(), enc.model.state_dict()
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert Patcher(model.patch_root()).modelmap.arch == arch
+
+
+def test_step_warnings_once_per_pass(session):
+    from lycoris_app.sampling import GenParams
+
+    r = session.generate(GenParams(f"a dog <lora:{LORA}:1:start=9>", steps=4, seed=3))
+    assert len([w for w in r.warnings if "start=9" in w]) == 1, r.warnings
+    r = session.generate(GenParams(f"a dog <lora:{LORA}:1:start=9>", steps=4, seed=3, hires_scale=2, hires_steps=4))
+    assert len([w for w in r.warnings if "start=9" in w and "hires" in w]) == 1, r.warnings
