@@ -119,30 +119,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def network_cards(session) -> list:
-    """One dict per network file: name, tag, base model, types, trigger words, preview path, problems."""
-    from lib_lycoris.errors import LycorisError
-    from lib_lycoris.inspect import describe
-
-    cards = []
-    session.runtime.refresh()
-    for e in sorted(session.runtime.index.entries(), key=lambda e: e.relname.lower()):
-        card = {"name": e.relname, "file": str(e.path), "tag": f"<lora:{e.relname}:1>", "alias": e.alias}
-        preview = next((p for p in (e.path.with_suffix(".preview.png"), e.path.with_suffix(".png")) if p.is_file()), None)
-        card["preview"] = str(preview) if preview else None
-        try:
-            d = describe(session.runtime.cache.get(e.path, e.stem))
-            card.update(base_model=d["base_model"], algos=d["algos"], trigger_words=d["trigger_words"],
-                        training_tags=[t for t, _ in d["training_tags"][:8]], modules=d["modules"], error=None)
-        except LycorisError as err:
-            log.warning("%s: %s", e.path, err)
-            card.update(base_model="?", algos={}, trigger_words=[], training_tags=[], modules=0, error=str(err))
-        cards.append(card)
-    return cards
-
-
 def cmd_networks(a: argparse.Namespace) -> int:
-    from .app import open_session
+    from .app import network_cards, open_session
 
     cards = network_cards(open_session(_config(a)))
     if a.json:

@@ -18,6 +18,9 @@ from typing import Optional
 
 import torch
 
+from lib_lycoris.errors import LycorisError
+from lib_lycoris.inspect import describe
+
 from .examples import Example, ensure_examples
 from .model import Model, build_default, load_checkpoint
 from .sampling import GenParams, Session
@@ -68,3 +71,22 @@ def open_session(cfg: AppConfig) -> Session:
         ensure_examples(cfg.networks_dir, session.patcher.model, render)
         session.runtime.refresh()
     return session
+
+
+def network_cards(session) -> list:
+    """One dict per network file: name, tag, base model, types, trigger words, preview path, problems."""
+    cards = []
+    session.runtime.refresh()
+    for e in sorted(session.runtime.index.entries(), key=lambda e: e.relname.lower()):
+        card = {"name": e.relname, "file": str(e.path), "tag": f"<lora:{e.relname}:1>", "alias": e.alias}
+        preview = next((p for p in (e.path.with_suffix(".preview.png"), e.path.with_suffix(".png")) if p.is_file()), None)
+        card["preview"] = str(preview) if preview else None
+        try:
+            d = describe(session.runtime.cache.get(e.path, e.stem))
+            card.update(base_model=d["base_model"], algos=d["algos"], trigger_words=d["trigger_words"],
+                        training_tags=[t for t, _ in d["training_tags"][:8]], modules=d["modules"], error=None)
+        except LycorisError as err:
+            log.warning("%s: %s", e.path, err)
+            card.update(base_model="?", algos={}, trigger_words=[], training_tags=[], modules=0, error=str(err))
+        cards.append(card)
+    return cards

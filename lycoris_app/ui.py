@@ -18,6 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # no telemetry call
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .app import network_cards
 from .sampling import SAMPLERS, GenParams, Session, save_png
 
 log = logging.getLogger("lycoris_app")
@@ -59,8 +60,6 @@ def _insert(prompt: str, tag: str) -> str:
 
 
 def build(session: Session) -> gr.Blocks:
-    from .__main__ import network_cards
-
     model = session.model
     outputs = Path(session.runtime.roots[0]).parent / "outputs"
     outputs.mkdir(parents=True, exist_ok=True)
