@@ -96,8 +96,8 @@ def _read_header(path: Path, f) -> tuple:
     return header, 8 + n
 
 
-def read_metadata(path: PathLike) -> dict:
-    """The `__metadata__` of a safetensors file (empty for pickles); header only, fast."""
+def read_header(path: PathLike) -> dict:
+    """The validated safetensors header: key -> {dtype, shape, data_offsets}, plus `__metadata__`."""
     path = Path(path)
     if path.suffix.lower() not in SAFETENSORS_EXT:
         return {}
@@ -106,7 +106,12 @@ def read_metadata(path: PathLike) -> dict:
             header, _ = _read_header(path, f)
     except OSError as e:
         raise NetworkFileError(f"cannot read file: {e.strerror or e}", file=str(path)) from e
-    return dict(header.get("__metadata__", {}))
+    return header
+
+
+def read_metadata(path: PathLike) -> dict:
+    """The `__metadata__` of a safetensors file (empty for pickles); header only, fast."""
+    return dict(read_header(path).get("__metadata__", {}))
 
 
 def _load_safetensors(path: Path) -> tuple:

@@ -201,7 +201,8 @@ def load_network(path: PathLike, name: Optional[str] = None) -> Network:
 # --------------------------------------------------------------------------------------------------
 # Base model detection (research syntax_features.md §9)
 
-def _from_metadata(md: dict) -> Optional[tuple]:
+def base_model_from_metadata(md: dict) -> Optional[tuple]:
+    """('sd1'|'sd2'|'sdxl', reason) from kohya / ModelSpec metadata alone, or None."""
     v = md.get("ss_base_model_version", "")
     if v.startswith("sdxl"):
         return "sdxl", f"ss_base_model_version={v}"
@@ -219,6 +220,33 @@ def _from_metadata(md: dict) -> Optional[tuple]:
     return None
 
 
+def base_model_of_file(path: PathLike) -> tuple:
+    """('sd1'|'sd2'|'sdxl'|'unknown', reason) from the safetensors header alone (metadata, key names and
+    shapes; no tensor is read): for the Networks tab badge. Pickles read nothing and say 'unknown'."""
+    from .files import read_header
+    header = read_header(path)
+    metadata = header.pop("__metadata__", {}) or {}
+    found = base_model_from_metadata(metadata)
+    if found:
+        return found
+    comps = set()
+    for key, info in header.items():
+        parts = parse_key(key)
+        if parts is None:
+            continue
+        comps.add(parts.component)
+        shape = info.get("shape", [])
+        if parts.component == "unet" and re.search(r"attn2_to_[kv]$", parts.body) and len(shape) == 2 \
+                and parts.suffix in ("lora_down.weight", "hada_w1_b", "diff"):
+            if shape[1] in _CONTEXT_DIM:
+                return _CONTEXT_DIM[shape[1]], f"cross-attention input width {shape[1]} ({parts.body})"
+        if parts.component == "unet" and re.match(r"(input_blocks|output_blocks|middle_block)_", parts.body):
+            return "sdxl", "UNet keys in SGM naming (kohya writes these for SDXL)"
+    if "te2" in comps:
+        return "sdxl", "has a second text encoder (lora_te2_)"
+    return "unknown", "no metadata and no telling key shape in the header"
+
+
 def _input_width(adapter: Adapter) -> Optional[int]:
     """Input features of a Linear delta (numel / out), where the type tells its full shape."""
     if not adapter.additive or adapter.numel() <= 0:
@@ -229,7 +257,7 @@ def _input_width(adapter: Adapter) -> Optional[int]:
 
 def detect_base_model(metadata: dict, modules: dict) -> tuple:
     """('sd1'|'sd2'|'sdxl'|'unknown', reason): metadata first, then key names and shapes."""
-    by_meta = _from_metadata(metadata)
+    by_meta = base_model_from_metadata(metadata)
     if by_meta:
         return by_meta
     comps = {m.component for m in modules.values()}

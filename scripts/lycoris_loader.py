@@ -427,10 +427,16 @@ def tag_name(entry) -> str:
 
 
 def base_model_of(path, metadata: dict) -> str:
-    """'sd1'|'sd2'|'sdxl'|'unknown' for a card: the parsed network if cached, else the metadata."""
-    from lib_lycoris.network import _from_metadata   # TODO(lead): public metadata-only detection
-    found = _from_metadata(metadata)
-    return found[0] if found else "unknown"
+    """'sd1'|'sd2'|'sdxl'|'unknown' for a card: metadata, else key names and shapes of the header."""
+    from lib_lycoris.network import base_model_from_metadata, base_model_of_file
+    found = base_model_from_metadata(metadata)
+    if found:
+        return found[0]
+    try:
+        return base_model_of_file(path)[0]
+    except LycorisError as e:
+        log.warning("%s", e)
+        return "unknown"
 
 
 def network_json(entry) -> dict:

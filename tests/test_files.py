@@ -175,3 +175,15 @@ def test_file_with_no_module(tmp_path):
 def test_every_error_is_a_lycoris_error():
     for cls in (FormatError, NetworkFileError, NonFiniteError, UnsafeFileError):
         assert issubclass(cls, LycorisError)
+
+
+def test_base_model_from_header_alone(tmp_path):
+    from lib_lycoris.network import base_model_of_file
+    g = torch.Generator().manual_seed(0)
+    sd = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
+          torch.randn(2, 768, generator=g),
+          "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight":
+          torch.randn(320, 2, generator=g)}
+    assert base_model_of_file(_save(tmp_path, sd))[0] == "sd1"
+    assert base_model_of_file(_save(tmp_path, _lora(), "x.safetensors", {"ss_base_model_version": "sdxl_base_v1-0"}))[0] == "sdxl"
+    assert base_model_of_file(_save(tmp_path, _lora(), "y.safetensors"))[0] == "unknown"
