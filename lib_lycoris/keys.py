@@ -66,6 +66,7 @@ class KeyParts:
     component: str   # 'unet' | 'te1' | 'te2'
     body: str        # module path with '_' for '.'
     suffix: str      # canonical suffix
+    path: str = ""   # the module path as the key spells it, prefixes removed (PEFT patterns match this)
 
     @property
     def module(self) -> tuple:
@@ -101,7 +102,7 @@ def parse_key(key: str) -> Optional[KeyParts]:
     if "." not in module:   # kohya style: everything before the first '.' is the module name
         for prefix, comp in _UNDERSCORE_PREFIXES:
             if module.startswith(prefix) and len(module) > len(prefix):
-                return KeyParts(comp, module[len(prefix):], suffix)
+                return KeyParts(comp, module[len(prefix):], suffix, module[len(prefix):])
         return None
     for prefix, comp in _DOTTED_PREFIXES:
         if module.startswith(prefix):
@@ -110,6 +111,6 @@ def parse_key(key: str) -> Optional[KeyParts]:
                 comp = _guess_component(path)
             if path.startswith("base_model.model."):
                 path = path[len("base_model.model."):]
-            return KeyParts(comp, path.replace(".", "_"), suffix) if path else None
+            return KeyParts(comp, path.replace(".", "_"), suffix, path) if path else None
     # A dotted key with no known prefix (e.g. a bare PEFT state dict of one sub-model).
-    return KeyParts(_guess_component(module), module.replace(".", "_"), suffix)
+    return KeyParts(_guess_component(module), module.replace(".", "_"), suffix, module)

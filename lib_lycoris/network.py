@@ -83,21 +83,25 @@ class Network:
 # --------------------------------------------------------------------------------------------------
 
 def _peft_config(metadata: dict) -> dict:
-    """component -> PEFT LoraConfig dict, from diffusers' `lora_adapter_metadata` (if any)."""
-    raw = metadata.get("lora_adapter_metadata")
+    """component -> PEFT config dict, from diffusers' `lora_adapter_metadata` (keys prefixed `unet.`,
+    `text_encoder.`, ...) or PEFT's own `peft_config` (one config for every component)."""
+    name = "lora_adapter_metadata" if "lora_adapter_metadata" in metadata else "peft_config"
+    raw = metadata.get(name)
     if not raw:
         return {}
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError:
-        log.warning("lora_adapter_metadata is not JSON; PEFT modules get scale 1")
+        log.warning("%s is not JSON; PEFT modules get scale 1", name)
+        return {}
+    if not isinstance(meta, dict):
         return {}
     out: dict = {}
     for comp, prefix in _PEFT_CONFIG_PREFIX.items():
         sub = {k[len(prefix) + 1:]: v for k, v in meta.items() if k.startswith(prefix + ".")}
         if sub:
             out[comp] = sub
-    if not out and "lora_alpha" in meta:
+    if not out and ("lora_alpha" in meta or "alpha" in meta):
         out = {c: meta for c in _PEFT_CONFIG_PREFIX}
     return out
 
@@ -111,8 +115,10 @@ def _pattern_value(patterns: dict, path: str, default):
 
 
 def _peft_scale(config: dict, path: str, rank: Optional[int]) -> float:
-    r = _pattern_value(config.get("rank_pattern"), path, config.get("r", rank))
-    alpha = _pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", r))
+    """alpha/r (rs-LoRA: alpha/√r) as PEFT scales: r from the tensors (or the config where the type has no
+    rank, e.g. a LoKr with both factors full), alpha from `alpha_pattern` or `lora_alpha` / `alpha`."""
+    r = rank or _pattern_value(config.get("rank_pattern"), path, config.get("r"))
+    alpha = _pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", config.get("alpha", r)))
     if r is None or not r or alpha is None:
         return 1.0
     return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else float(r))
@@ -140,7 +146,7 @@ def build_network(raw: RawFile, name: Optional[str] = None) -> Network:
             raise FormatError(f"two keys give module {parts.body!r} the same tensor {parts.suffix!r}",
                               file=str(raw.path), key=key)
         g[parts.suffix] = (key, t)
-        paths.setdefault(parts.module, key[: key.rfind(".")] if "." in key else key)
+        paths.setdefault(parts.module, parts.path)
     peft = _peft_config(raw.metadata)
     modules = {}
     for (comp, body), g in groups.items():
@@ -159,10 +165,14 @@ def build_network(raw: RawFile, name: Optional[str] = None) -> Network:
                                   file=str(raw.path), key=where + ".alpha")
             scale = adapter.scale_for(float(alpha.float().reshape(-1)[0]))
         elif dotted and comp in peft and adapter.algo in ("lora", "loha", "lokr"):
-            scale = _peft_scale(peft[comp], paths[(comp, body)].split(".", 1)[-1], adapter.rank())
+            path = paths[(comp, body)]
+            path = path[len("base_model.model."):] if path.startswith("base_model.model.") else path
+            scale = _peft_scale(peft[comp], path, adapter.rank())
         else:
             scale = adapter.scale_for(None)
         dora = tensors.get("dora_scale")
+        if dora is not None and "lora_magnitude_vector" in g["dora_scale"][0]:
+            dora = dora.reshape(-1)   # PEFT: one magnitude per output row, (out,) or (1, out, 1, 1) on convs
         if dora is not None and not adapter.supports_dora:
             raise FormatError(f"dora_scale on a {adapter.algo} module", file=str(raw.path), key=where)
         modules[(comp, body)] = NetworkModule(

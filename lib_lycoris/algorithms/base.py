@@ -131,7 +131,7 @@ def rebuild_tucker(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
 
     t: (r, r, kh, kw), wa: (r, out), wb: (r, in) -> (out, in, kh, kw).
     """
-    return torch.einsum("ij...,jc,io->oc...", t, wb, wa)
+    return torch.einsum("ij...,jc,io->oc...", t, wb, wa).contiguous()   # kron needs a contiguous factor
 
 
 def cayley(blocks: Tensor, constraint: float) -> Tensor:
