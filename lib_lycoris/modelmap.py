@@ -36,6 +36,10 @@ ROOTS: tuple = (
     ("text_encoder_2.", "te2"),
 )
 
+# Names that tell a bare UNet / text encoder (a host handing over one component as the model).
+_BARE_UNET = ("conv_in.", "down_blocks.", "input_blocks.", "time_embed.", "time_embedding.")
+_BARE_TEXT = ("text_model.", "encoder.layers.", "transformer.resblocks.")
+
 _RESNET_LDM_TO_DIFF = {
     "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
     "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
@@ -186,6 +190,11 @@ class ModelMap:
         for prefix, comp in ROOTS:
             if comp not in roots and any(k.startswith(prefix) for k in shapes):
                 roots[comp] = prefix
+        if not roots:   # a bare component: a UNet or a text encoder on its own
+            if any(k.startswith(_BARE_UNET) for k in shapes):
+                roots["unet"] = ""
+            elif any(k.startswith(_BARE_TEXT) for k in shapes):
+                roots["te1"] = ""
         return cls(shapes, roots)
 
     @classmethod

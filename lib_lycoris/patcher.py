@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .blocks import BlockMapError, block_id
-from .compose import merged, merged_bias
+from .compose import merged_bias
 from .errors import LycorisError
 from .modelmap import ModelMap, Target
 from .network import Binding, LoadReport, Network, bind
@@ -50,6 +50,7 @@ log = logging.getLogger("lycoris")
 Tensor = torch.Tensor
 MODES = ("merge", "bypass")
 BACKUPS = ("device", "cpu")
+COMPUTES = ("float32", "weight")
 
 
 class WeightRequest(Protocol):
@@ -97,6 +98,7 @@ class _Slot:
     bias_backup: Optional[Tensor] = None
     contribs: dict = field(default_factory=dict)    # active key -> Contribution
     applied: tuple = ()        # ((key, m), ...) now in the weight (merge mode)
+    factors: dict = field(default_factory=dict)     # (key, device, dtype) -> LoRA (up, down) or None
 
     def view(self) -> Tensor:
         w = self.param.data
@@ -128,10 +130,17 @@ class Patcher:
     """Applies networks to one model; see the module docstring for the contract."""
 
     def __init__(self, model: torch.nn.Module, *, modelmap: Optional[ModelMap] = None,
-                 backup: str = "device", named_params: Optional[Mapping[str, Tensor]] = None,
+                 backup: str = "device", compute: str = "float32",
+                 named_params: Optional[Mapping[str, Tensor]] = None,
                  modules: Optional[Mapping[str, torch.nn.Module]] = None) -> None:
+        """Args: model: the root module (names as in `modelmap`); backup: 'device' | 'cpu' (see module
+        doc); compute: 'float32' (deltas in float32, one rounding to the weight's dtype) or 'weight' (LoRA
+        GEMMs in the weight's dtype with float32 accumulation: one pass fewer for fp16/bf16 weights)."""
         if backup not in BACKUPS:
             raise ValueError(f"backup must be one of {BACKUPS}")
+        if compute not in COMPUTES:
+            raise ValueError(f"compute must be one of {COMPUTES}")
+        self.compute = compute
         self.model = model
         self.modelmap = modelmap or ModelMap.from_module(model)
         self.backup_where = backup
@@ -229,6 +238,7 @@ class Patcher:
             if key not in wanted:
                 for slot in self._slots.values():
                     slot.contribs.pop(key, None)
+                    slot.factors = {k: v for k, v in slot.factors.items() if k[0] != key}
                 del self._active[key]
         for key, act in wanted.items():
             old = self._active.get(key)
@@ -238,6 +248,7 @@ class Patcher:
             for target, mod in act.binding.pairs:
                 slot = self._slot(target)
                 slot.contribs[key] = mod.contribution(act.request.dyn)
+                slot.factors = {k: v for k, v in slot.factors.items() if k[0] != key}
 
     def _slot(self, target: Target) -> _Slot:
         k = (target.weight, target.rows)
@@ -312,8 +323,20 @@ class Patcher:
             slot.backup = w.detach().clone()
             slot.bias_backup = None if b is None else b.detach().clone()
 
+    def _factors(self, slot: _Slot, key: tuple, device: torch.device, dtype: torch.dtype) -> Optional[tuple]:
+        """(up, down) of a plain-LoRA contribution on `device` in `dtype`, converted once and cached."""
+        k = (key, device, dtype)
+        if k not in slot.factors:
+            low = slot.contribs[key].low_rank(device)
+            slot.factors[k] = None if low is None else (low[0].to(dtype).contiguous(), low[1].to(dtype).contiguous())
+        return slot.factors[k]
+
     def _write(self, slot: _Slot, items: tuple) -> None:
-        """Weight (and bias) := pure function of backup and items; see module doc."""
+        """Weight (and bias) := pure function of backup and items; see module doc.
+
+        Plain LoRA terms: one addmm over the concatenated factors, reading the backup and writing the weight
+        (fp32 weights, or any dtype with compute='weight'); other terms accumulate in float32 in place.
+        """
         self._ensure_backup(slot)
         w = slot.view()
         dev = w.device
@@ -325,18 +348,40 @@ class Patcher:
                     slot.bias_view().copy_(slot.bias_backup.to(dev, non_blocking=True))
                 return
             contribs = [(slot.contribs[k], m) for k, m in items]
-            low = [c.low_rank(dev) for c, _ in contribs]
-            if all(x is not None for x in low):
-                ups = [up * (m * c.scale) for (up, _), (c, m) in zip(low, contribs)]
-                up = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
-                down = low[0][1] if len(low) == 1 else torch.cat([d for _, d in low], dim=0)
-                base2d = base.reshape(base.shape[0], -1)
-                if w.dtype == torch.float32 and w.is_contiguous():
-                    torch.addmm(base2d, up, down, out=w.view(w.shape[0], -1))
-                else:
-                    w.copy_(torch.addmm(base2d.float(), up, down).reshape(w.shape))
+            direct = w.is_contiguous() and (w.dtype == torch.float32 or self.compute == "weight")
+            lr_dtype = w.dtype if self.compute == "weight" else torch.float32
+            low = [(self._factors(slot, k, dev, lr_dtype), slot.contribs[k], m) for k, m in items]
+            lr = [(f, c, m) for f, c, m in low if f is not None]
+            other = [(c, m) for f, c, m in low if f is None]
+            if lr and not other and direct:
+                up, down, alpha = _stack(lr)
+                torch.addmm(base.reshape(base.shape[0], -1), up, down, alpha=alpha, out=w.view(w.shape[0], -1))
             else:
-                w.copy_(merged(base.float(), contribs).reshape(w.shape))
+                base32 = base.float()
+                acc = w if w.dtype == torch.float32 and w.is_contiguous() else torch.empty(
+                    w.shape, dtype=torch.float32, device=dev)
+                started = False
+                if lr:
+                    up, down, alpha = _stack([((u.float(), d.float()), c, m) for (u, d), c, m in lr])
+                    torch.addmm(base32.reshape(base.shape[0], -1), up, down, alpha=alpha,
+                                out=acc.view(acc.shape[0], -1))
+                    started = True
+                for c, m in other:
+                    if c.linear_in_strength:
+                        d, alpha = c.adapter.delta(base32), m * c.scale
+                    else:
+                        d, alpha = c.weight_delta(base32, m), 1.0
+                    if d is None:
+                        continue
+                    if started:
+                        acc.add_(d.reshape(acc.shape), alpha=alpha)
+                    else:
+                        torch.add(base32, d.reshape(acc.shape), alpha=alpha, out=acc)
+                        started = True
+                if not started:
+                    acc.copy_(base32)
+                if acc is not w:
+                    w.copy_(acc)
             bview = slot.bias_view()
             if bview is not None and any(c.bias_delta is not None for c, _ in contribs):
                 bview.copy_(merged_bias(slot.bias_backup.to(dev), contribs))
@@ -361,7 +406,20 @@ class Patcher:
         if hook is None:
             hook = _BypassHook(self._modules[name], slot)
             self._hooks[name] = hook
-        hook.items = tuple((slot.contribs[k], m) for k, m in items)
+        new = tuple((slot.contribs[k], m) for k, m in items)
+        if {id(c) for c, _ in new} != {id(c) for c, _ in hook.items}:
+            hook.clear_caches()
+        hook.items = new
+
+
+def _stack(terms: list) -> tuple:
+    """(up, down, alpha) with alpha·up@down = Σ m·s·up_i@down_i: one network keeps its factors and passes
+    m·s as addmm's alpha; several are concatenated along the rank with their m·s folded into `up`."""
+    if len(terms) == 1:
+        (up, down), c, m = terms[0]
+        return up, down, m * c.scale
+    ups = [u * (m * c.scale) for (u, _), c, m in terms]
+    return torch.cat(ups, dim=1), torch.cat([d for (_, d), _, _ in terms], dim=0), 1.0
 
 
 def _block_of(target: Target, arch: str) -> Optional[str]:
@@ -383,10 +441,29 @@ class _BypassHook:
         self.slot = slot
         self.items: tuple = ()
         self._delta_cache: dict = {}
+        self._lr_cache: dict = {}
         self.handle = module.register_forward_hook(self._hook)
 
     def remove(self) -> None:
         self.handle.remove()
+
+    def clear_caches(self) -> None:
+        self._lr_cache.clear()
+        self._delta_cache.clear()
+
+    def _factors(self, c, x: Tensor) -> Optional[tuple]:
+        """LoRA (up, down) shaped for the module's op, in the input's dtype and device; cached."""
+        k = (id(c), x.dtype, x.device)
+        if k not in self._lr_cache:
+            low = c.low_rank(x.device)
+            if low is not None:
+                up, down = low
+                if isinstance(self.module, torch.nn.Conv2d):
+                    down = down.reshape(down.shape[0], *self.module.weight.shape[1:])
+                    up = up.reshape(up.shape[0], up.shape[1], 1, 1)
+                low = (up.to(x.dtype), down.to(x.dtype))
+            self._lr_cache[k] = low
+        return self._lr_cache[k]
 
     def _op(self, x: Tensor, weight: Tensor) -> Tensor:
         mod = self.module
@@ -402,17 +479,15 @@ class _BypassHook:
         x = args[0]
         extra = None
         for c, m in self.items:
-            low = c.low_rank(x.device)
+            low = self._factors(c, x)
             if low is not None:
                 up, down = low
-                w = module.weight
+                up = up * (m * c.scale)          # (out, r[, 1, 1]): the strength folded into the small factor
                 if isinstance(module, torch.nn.Conv2d):
-                    d = F.conv2d(x, down.to(x.dtype).reshape(down.shape[0], *w.shape[1:]), None, module.stride,
-                                 module.padding, module.dilation, module.groups)
-                    y = F.conv2d(d, up.to(x.dtype).reshape(up.shape[0], up.shape[1], 1, 1))
+                    d = F.conv2d(x, down, None, module.stride, module.padding, module.dilation, module.groups)
+                    y = F.conv2d(d, up)
                 else:
-                    y = F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
-                y = y * (m * c.scale)
+                    y = F.linear(F.linear(x, down), up)
             else:
                 key = (id(c), m)
                 dw = self._delta_cache.get(key)

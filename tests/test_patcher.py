@@ -190,3 +190,23 @@ def test_te_and_unet_weights(nets):
     Patcher(tm.root).apply([(nets["lora"], parse_tag("<lora:x:1:0>"))])
     changed = {k for k, v in tm.root.named_parameters() if not torch.equal(v, snap[k])}
     assert changed and all(k.startswith("cond_stage_model") for k in changed)
+
+
+def test_bare_unet_and_compute_in_weight_dtype(nets, tmp_path):
+    """A bare UNet is recognised; compute='weight' stays within one rounding of the float32 path."""
+    a, b = tiny_model("sd1", 0), tiny_model("sd1", 0)
+    a.unet.to(torch.bfloat16)
+    b.unet.to(torch.bfloat16)
+    net = load_network(make_network(tmp_path / "u.safetensors", a.root, "lora", components=("unet",)))
+    snap = _snapshot(a.unet)
+    pa = Patcher(a.unet)
+    pa.apply([(net, Strength(1.0))])
+    Patcher(b.unet, compute="weight").apply([(net, Strength(1.0))])
+    eps = torch.finfo(torch.bfloat16).eps
+    changed = 0
+    for (k, x), (_, y) in zip(a.unet.named_parameters(), b.unet.named_parameters()):
+        assert (x.float() - y.float()).abs().max() <= 2 * eps * x.float().abs().max() + 1e-6, k
+        changed += not torch.equal(x, snap[k])
+    assert changed > 50
+    pa.restore()
+    _assert_same(a.unet, snap)
