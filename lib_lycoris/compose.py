@@ -82,16 +82,6 @@ def dora(v: Tensor, d: Tensor, multiplier: float) -> Tensor:
     return v * (multiplier * (d / (n + DORA_EPS) - 1) + 1)
 
 
-def merged(base: Tensor, items: list) -> Tensor:
-    """W + Σ_i (W'_i(m_i) − W) in float32; items are (Contribution, multiplier); base is float32."""
-    out = base.clone()
-    for c, m in items:
-        d = c.weight_delta(base, m)
-        if d is not None:
-            out += d
-    return out
-
-
 def merged_bias(bias: Tensor, items: list) -> Tensor:
     """b + Σ_i m_i·diff_b_i in float32."""
     out = bias.float().clone()

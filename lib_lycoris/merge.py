@@ -1,7 +1,8 @@
 """Bake networks into a checkpoint state dict (the `merge` command; later the export/bake features).
 
 Each touched weight becomes W' = W + Σ_i (W'_i(m_i) − W) (see `compose`), computed in float32 on the
-chosen device, written back in the checkpoint's dtype. Works on either layout (see `modelmap`).
+chosen device by the Patcher's own `write_weight` (so a merge and a live patch give the same bits),
+written back in the checkpoint's dtype. Works on either layout (see `modelmap`).
 """
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .compose import merged, merged_bias
+from .compose import merged_bias
 from .modelmap import ModelMap
+from .patcher import write_weight
 from .network import bind
 
 log = logging.getLogger("lycoris")
@@ -38,19 +40,19 @@ def merge_state_dict(sd: dict, networks: Sequence[tuple], device: Optional[str] 
             per_weight.setdefault(target.weight, []).append((target, mod.contribution(request.dyn), m))
     total = len(per_weight)
     for i, (name, items) in enumerate(per_weight.items()):
-        w = sd[name]
-        new_w = w.to(dev, dtype=torch.float32, copy=True)
+        w = sd[name].to(dev, copy=True)
+        base = w.clone()
         bias_name = items[0][0].bias
-        new_b = sd[bias_name].to(dev, dtype=torch.float32, copy=True) if bias_name else None
+        new_b = sd[bias_name].to(dev, copy=True) if bias_name else None
         for rows in {t.rows for t, _, _ in items}:
             sel = [(c, m) for t, c, m in items if t.rows == rows]
             sl = slice(None) if rows is None else slice(rows[0], rows[1])
-            new_w[sl] = merged(new_w[sl].clone(), sel)
+            write_weight(w[sl], base[sl], [(c, m, c.low_rank(dev)) for c, m in sel])
             if new_b is not None and any(c.bias_delta is not None for c, _ in sel):
-                new_b[sl] = merged_bias(new_b[sl].clone(), sel)
-        sd[name] = new_w.to(w.dtype).cpu()
+                new_b[sl] = merged_bias(new_b[sl].clone(), sel).to(new_b.dtype)
+        sd[name] = w.cpu()
         if new_b is not None:
-            sd[bias_name] = new_b.to(sd[bias_name].dtype).cpu()
+            sd[bias_name] = new_b.cpu()
         if progress:
             progress(i + 1, total)
     return reports

@@ -332,11 +332,7 @@ class Patcher:
         return slot.factors[k]
 
     def _write(self, slot: _Slot, items: tuple) -> None:
-        """Weight (and bias) := pure function of backup and items; see module doc.
-
-        Plain LoRA terms: one addmm over the concatenated factors, reading the backup and writing the weight
-        (fp32 weights, or any dtype with compute='weight'); other terms accumulate in float32 in place.
-        """
+        """Weight (and bias) := pure function of backup and items (see module doc and `write_weight`)."""
         self._ensure_backup(slot)
         w = slot.view()
         dev = w.device
@@ -348,40 +344,9 @@ class Patcher:
                     slot.bias_view().copy_(slot.bias_backup.to(dev, non_blocking=True))
                 return
             contribs = [(slot.contribs[k], m) for k, m in items]
-            direct = w.is_contiguous() and (w.dtype == torch.float32 or self.compute == "weight")
             lr_dtype = w.dtype if self.compute == "weight" else torch.float32
-            low = [(self._factors(slot, k, dev, lr_dtype), slot.contribs[k], m) for k, m in items]
-            lr = [(f, c, m) for f, c, m in low if f is not None]
-            other = [(c, m) for f, c, m in low if f is None]
-            if lr and not other and direct:
-                up, down, alpha = _stack(lr)
-                torch.addmm(base.reshape(base.shape[0], -1), up, down, alpha=alpha, out=w.view(w.shape[0], -1))
-            else:
-                base32 = base.float()
-                acc = w if w.dtype == torch.float32 and w.is_contiguous() else torch.empty(
-                    w.shape, dtype=torch.float32, device=dev)
-                started = False
-                if lr:
-                    up, down, alpha = _stack([((u.float(), d.float()), c, m) for (u, d), c, m in lr])
-                    torch.addmm(base32.reshape(base.shape[0], -1), up, down, alpha=alpha,
-                                out=acc.view(acc.shape[0], -1))
-                    started = True
-                for c, m in other:
-                    if c.linear_in_strength:
-                        d, alpha = c.adapter.delta(base32), m * c.scale
-                    else:
-                        d, alpha = c.weight_delta(base32, m), 1.0
-                    if d is None:
-                        continue
-                    if started:
-                        acc.add_(d.reshape(acc.shape), alpha=alpha)
-                    else:
-                        torch.add(base32, d.reshape(acc.shape), alpha=alpha, out=acc)
-                        started = True
-                if not started:
-                    acc.copy_(base32)
-                if acc is not w:
-                    w.copy_(acc)
+            terms = [(slot.contribs[k], m, self._factors(slot, k, dev, lr_dtype)) for k, m in items]
+            write_weight(w, base, terms, self.compute)
             bview = slot.bias_view()
             if bview is not None and any(c.bias_delta is not None for c, _ in contribs):
                 bview.copy_(merged_bias(slot.bias_backup.to(dev), contribs))
@@ -410,6 +375,47 @@ class Patcher:
         if {id(c) for c, _ in new} != {id(c) for c, _ in hook.items}:
             hook.clear_caches()
         hook.items = new
+
+
+def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32") -> None:
+    """w := base + Σ (W'_i(m_i) − base), written in place; base is the original weight (not w itself).
+
+    terms: (Contribution, m, LoRA factors (up, down) or None); the factors are float32, or w's dtype with
+    compute='weight'. Plain LoRA terms: one addmm over the concatenated factors, reading base and writing w
+    (fp32 weights, or any dtype with compute='weight'); other terms accumulate in float32 in place, then one
+    rounding to w's dtype. The same function serves the Patcher and `merge`, so both give the same bits.
+    """
+    direct = w.is_contiguous() and (w.dtype == torch.float32 or compute == "weight")
+    lr = [(f, c, m) for c, m, f in terms if f is not None]
+    other = [(c, m) for c, m, f in terms if f is None]
+    if lr and not other and direct:
+        up, down, alpha = _stack(lr)
+        torch.addmm(base.reshape(base.shape[0], -1), up, down, alpha=alpha, out=w.view(w.shape[0], -1))
+        return
+    base32 = base.float()
+    acc = w if w.dtype == torch.float32 and w.is_contiguous() else torch.empty(
+        w.shape, dtype=torch.float32, device=w.device)
+    started = False
+    if lr:
+        up, down, alpha = _stack([((u.float(), d.float()), c, m) for (u, d), c, m in lr])
+        torch.addmm(base32.reshape(base.shape[0], -1), up, down, alpha=alpha, out=acc.view(acc.shape[0], -1))
+        started = True
+    for c, m in other:
+        if c.linear_in_strength:
+            d, alpha = c.adapter.delta(base32), m * c.scale
+        else:
+            d, alpha = c.weight_delta(base32, m), 1.0
+        if d is None:
+            continue
+        if started:
+            acc.add_(d.reshape(acc.shape), alpha=alpha)
+        else:
+            torch.add(base32, d.reshape(acc.shape), alpha=alpha, out=acc)
+            started = True
+    if not started:
+        acc.copy_(base32)
+    if acc is not w:
+        w.copy_(acc)
 
 
 def _stack(terms: list) -> tuple:
