@@ -898,7 +898,6 @@ def main(argv: Optional[list] = None) -> int:
     print()
     # targets
     lo = sp["lora"]
-    change_nets = sp.get("lora+loha+lokr", lo)
     tg = [
         ["first apply ≥ 8× faster than lycoris merge (LoRA)", f"{lo['first_vs_lycoris']:.1f}×", lo["first_vs_lycoris"] >= 8],
         ["first apply ≥ 4× faster than restore-and-recompute (LoRA)", f"{lo['first_vs_rr']:.1f}×", lo["first_vs_rr"] >= 4],
