@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from .errors import LycorisError
-from .files import read_metadata
+from .files import addnet_hash, read_metadata
 from .names import NetworkIndex
 from .network import Network, load_network
 from .tags import NetworkRequest, parse_prompt
@@ -108,19 +108,8 @@ class Activation:
     used: list = field(default_factory=list)  # (request, network) applied
     warnings: list = field(default_factory=list)
     te_segments: list = field(default_factory=list)
+    hashes: list = field(default_factory=list)   # (name, short hash) for the infotext `Lora hashes` field
     stats: object = None
-
-    @property
-    def hashes(self) -> list:
-        """(alias, short hash) for the infotext `Lora hashes` field."""
-        from .files import addnet_hash
-        out = []
-        for req, net in self.used:
-            try:
-                out.append((req.name, addnet_hash(net.path)[:12]))
-            except OSError as e:
-                log.warning("cannot hash %s: %s", net.path, e)
-        return out
 
 
 def te_segments(requests: Sequence[NetworkRequest], total: int, hires: bool = False) -> list:
@@ -148,6 +137,26 @@ class Runtime:
         self.presets = dict(presets) if presets else None
         self.index = NetworkIndex(self.roots, read_alias=_alias)
         self.cache = NetworkCache(cache_bytes)
+        self._hashes: dict = {}
+
+    def short_hash(self, path: Union[str, Path]) -> Optional[str]:
+        """A1111's short hash of a network (`Lora hashes`): `sshs_model_hash` metadata, else the sha256 of the
+        safetensors data (`files.addnet_hash`); 12 hex digits, computed once per (path, mtime)."""
+        p = Path(path)
+        try:
+            key = (str(p), p.stat().st_mtime_ns)
+        except OSError as e:
+            log.warning("cannot hash %s: %s", p, e)
+            return None
+        h = self._hashes.get(key)
+        if h is None:
+            try:
+                h = (read_metadata(p).get("sshs_model_hash") or addnet_hash(p))[:12]
+            except (OSError, LycorisError) as e:
+                log.warning("cannot hash %s: %s", p, e)
+                return None
+            self._hashes[key] = h
+        return h
 
     def refresh(self) -> None:
         self.index.rescan()
@@ -182,5 +191,6 @@ class Runtime:
             items.append((net, req, mode))
             act.used.append((req, net))
         act.stats = patcher.apply(items, step=step, total=steps, hires=hires, load_s=load_s)
+        act.hashes = [(req.name, h) for req, net in act.used if (h := self.short_hash(net.path))]
         act.te_segments = te_segments(act.requests, steps, hires)
         return act

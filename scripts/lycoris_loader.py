@@ -17,13 +17,12 @@ import math
 import os
 import re
 import threading
-from pathlib import Path
 from typing import Optional
 
 from modules import extra_networks, script_callbacks, shared
 
 from lib_lycoris.errors import LycorisError
-from lib_lycoris.files import addnet_hash, read_metadata
+from lib_lycoris.files import read_metadata
 from lib_lycoris.patcher import Patcher
 from lib_lycoris.runtime import DEFAULT_CACHE_BYTES, Runtime
 from lib_lycoris.tags import parse_prompt
@@ -105,7 +104,6 @@ class Host:
         self._runtime: Optional[Runtime] = None
         self._patcher: Optional[Patcher] = None
         self._patcher_model = None
-        self._hashes: dict = {}            # (path, mtime_ns) -> short hash
         self.lock = threading.RLock()
         self.activation = None             # the last Activation of this batch
         self.steps = 1
@@ -137,22 +135,8 @@ class Host:
         self.runtime.cache.budget = int(_opt("lycoris_cache_mb", DEFAULT_CACHE_BYTES >> 20)) << 20
 
     def short_hash(self, path) -> Optional[str]:
-        """A1111's `shorthash`: `sshs_model_hash` metadata, else the addnet sha256; first 12 hex digits."""
-        p = Path(path)
-        try:
-            key = (str(p), p.stat().st_mtime_ns)
-        except OSError as e:
-            log.warning("cannot hash %s: %s", p, e)
-            return None
-        h = self._hashes.get(key)
-        if h is None:
-            try:
-                h = (read_metadata(p).get("sshs_model_hash") or addnet_hash(p))[:12]
-            except (OSError, LycorisError) as e:
-                log.warning("cannot hash %s: %s", p, e)
-                return None
-            self._hashes[key] = h
-        return h
+        """A1111's `shorthash` of a network file (the engine's `Runtime.short_hash`, cached per mtime)."""
+        return self.runtime.short_hash(path)
 
     # --- the patcher of the loaded model --------------------------------------------------------
     def patcher(self, sd_model) -> Patcher:
@@ -220,7 +204,7 @@ class ExtraNetworkLycoris(extra_networks.ExtraNetwork):
         for w in act.warnings:
             log.warning("%s", w)
         if act.requests:
-            _write_infotext(p, act, host, hires)
+            _write_infotext(p, act, hires)
             _add_trigger_words(p, act)
             _install_cond_wrapper(p)
 
@@ -228,7 +212,7 @@ class ExtraNetworkLycoris(extra_networks.ExtraNetwork):
         self.host.restore()
 
 
-def _write_infotext(p, act, host: Host, hires: bool) -> None:
+def _write_infotext(p, act, hires: bool) -> None:
     params = getattr(p, "extra_generation_params", None)
     if params is None:
         return
@@ -245,10 +229,8 @@ def _write_infotext(p, act, host: Host, hires: bool) -> None:
     # A1111 #16062: the hires pass adds to the first pass's hashes instead of replacing them.
     hashes = getattr(p, "lycoris_hashes", None) if hires else None
     hashes = dict(hashes or {})
-    for req, net in act.used:
-        h = host.short_hash(net.path)
-        if h:
-            hashes[req.name.replace(":", "").replace(",", "")] = h
+    for name, h in act.hashes:
+        hashes[name.replace(":", "").replace(",", "")] = h
     p.lycoris_hashes = hashes
     if hashes:
         params[INFOTEXT_HASHES] = ", ".join(f"{k}: {v}" for k, v in hashes.items())
