@@ -297,10 +297,7 @@ class ModelMap:
     # --- queries ------------------------------------------------------------------------------
     def lookup(self, component: str, body: str) -> Optional[Target]:
         """The target a file module (component, underscore body) names, or None."""
-        t = self._alias.get((component, body))
-        if t is None and body.startswith("text_model_"):
-            t = self._alias.get((component, body[len("text_model_"):]))
-        return t
+        return self._alias.get((component, body))   # text encoders are indexed with and without `text_model_`
 
     @property
     def components(self) -> tuple:

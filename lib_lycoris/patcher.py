@@ -41,7 +41,6 @@ import torch.nn.functional as F
 
 from .blocks import BlockMapError, block_id
 from .compose import merged_bias
-from .errors import LycorisError
 from .modelmap import ModelMap, Target
 from .network import Binding, LoadReport, Network, bind
 
@@ -99,6 +98,11 @@ class _Slot:
     contribs: dict = field(default_factory=dict)    # active key -> Contribution
     applied: tuple = ()        # ((key, m), ...) now in the weight (merge mode)
     factors: dict = field(default_factory=dict)     # (key, device, dtype) -> LoRA (up, down) or None
+
+    def forget(self, key: tuple) -> None:
+        """Drop a network's contribution and its cached factors."""
+        self.contribs.pop(key, None)
+        self.factors = {k: v for k, v in self.factors.items() if k[0] != key}
 
     def view(self) -> Tensor:
         w = self.param.data
@@ -237,8 +241,7 @@ class Patcher:
         for key in list(self._active):
             if key not in wanted:
                 for slot in self._slots.values():
-                    slot.contribs.pop(key, None)
-                    slot.factors = {k: v for k, v in slot.factors.items() if k[0] != key}
+                    slot.forget(key)
                 del self._active[key]
         for key, act in wanted.items():
             old = self._active.get(key)
@@ -247,8 +250,8 @@ class Patcher:
                 continue
             for target, mod in act.binding.pairs:
                 slot = self._slot(target)
+                slot.forget(key)
                 slot.contribs[key] = mod.contribution(act.request.dyn)
-                slot.factors = {k: v for k, v in slot.factors.items() if k[0] != key}
 
     def _slot(self, target: Target) -> _Slot:
         k = (target.weight, target.rows)
@@ -312,16 +315,19 @@ class Patcher:
         module = self._modules.get(slot.target.module)
         return slot.target.rows is None and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
 
+    def _copy_out(self, t: Tensor) -> Tensor:
+        """A backup copy of `t`: pinned host memory with backup='cpu' on an accelerator, else beside it."""
+        if self.backup_where == "cpu" and t.device.type != "cpu":
+            return t.detach().to("cpu", copy=True).pin_memory()
+        return t.detach().clone()
+
     def _ensure_backup(self, slot: _Slot) -> None:
-        if slot.backup is not None:
-            return
-        w, b = slot.view(), slot.bias_view()
-        if self.backup_where == "cpu" and w.device.type != "cpu":
-            slot.backup = w.detach().to("cpu", copy=True).pin_memory()
-            slot.bias_backup = None if b is None else b.detach().to("cpu", copy=True).pin_memory()
-        else:
-            slot.backup = w.detach().clone()
-            slot.bias_backup = None if b is None else b.detach().clone()
+        """Back up the weight on first write; the bias only once a network on the slot carries a bias delta."""
+        if slot.backup is None:
+            slot.backup = self._copy_out(slot.view())
+        if slot.bias_backup is None and slot.bias_param is not None and \
+                any(c.bias_delta is not None for c in slot.contribs.values()):
+            slot.bias_backup = self._copy_out(slot.bias_view())
 
     def _factors(self, slot: _Slot, key: tuple, device: torch.device, dtype: torch.dtype) -> Optional[tuple]:
         """(up, down) of a plain-LoRA contribution on `device` in `dtype`, converted once and cached."""
@@ -338,20 +344,15 @@ class Patcher:
         dev = w.device
         base = slot.backup.to(dev, non_blocking=True)
         with torch.no_grad():
-            if not items:
-                w.copy_(base)
-                if slot.bias_backup is not None:
-                    slot.bias_view().copy_(slot.bias_backup.to(dev, non_blocking=True))
-                return
-            contribs = [(slot.contribs[k], m) for k, m in items]
             lr_dtype = w.dtype if self.compute == "weight" else torch.float32
             terms = [(slot.contribs[k], m, self._factors(slot, k, dev, lr_dtype)) for k, m in items]
-            write_weight(w, base, terms, self.compute)
-            bview = slot.bias_view()
-            if bview is not None and any(c.bias_delta is not None for c, _ in contribs):
-                bview.copy_(merged_bias(slot.bias_backup.to(dev), contribs))
-            elif bview is not None and slot.bias_backup is not None:
-                bview.copy_(slot.bias_backup.to(dev, non_blocking=True))
+            write_weight(w, base, terms, self.compute)   # no items: the backup itself
+            if slot.bias_backup is not None:
+                contribs = [(c, m) for c, m, _ in terms]
+                bias = slot.bias_backup.to(dev, non_blocking=True)
+                if any(c.bias_delta is not None for c, _ in contribs):
+                    bias = merged_bias(bias, contribs)
+                slot.bias_view().copy_(bias)
 
     def _drop_idle_slots(self) -> None:
         for k in [k for k, s in self._slots.items() if not s.contribs and not s.applied]:
@@ -385,6 +386,9 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32")
     (fp32 weights, or any dtype with compute='weight'); other terms accumulate in float32 in place, then one
     rounding to w's dtype. The same function serves the Patcher and `merge`, so both give the same bits.
     """
+    if not terms:
+        w.copy_(base)
+        return
     direct = w.is_contiguous() and (w.dtype == torch.float32 or compute == "weight")
     lr = [(f, c, m) for c, m, f in terms if f is not None]
     other = [(c, m) for c, m, f in terms if f is None]
@@ -472,12 +476,11 @@ class _BypassHook:
         return self._lr_cache[k]
 
     def _op(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The module's own op with another weight (hooks exist on Linear and Conv2d only: `_can_bypass`)."""
         mod = self.module
         if isinstance(mod, torch.nn.Conv2d):
             return F.conv2d(x, weight, None, mod.stride, mod.padding, mod.dilation, mod.groups)
-        if isinstance(mod, torch.nn.Linear):
-            return F.linear(x, weight)
-        raise LycorisError(f"bypass mode has no rule for {type(mod).__name__}", key=self.slot.target.module)
+        return F.linear(x, weight)
 
     def _hook(self, module: torch.nn.Module, args: tuple, output: Tensor) -> Tensor:
         if not self.items:
