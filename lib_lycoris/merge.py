@@ -43,7 +43,8 @@ def merge_state_dict(sd: dict, networks: Sequence[tuple], device: Optional[str] 
         w = sd[name].to(dev, copy=True)
         base = w.clone()
         bias_name = items[0][0].bias
-        new_b = sd[bias_name].to(dev, copy=True) if bias_name else None
+        has_bias_delta = bias_name is not None and any(c.bias_delta is not None for _, c, _ in items)
+        new_b = sd[bias_name].to(dev, copy=True) if has_bias_delta else None
         for rows in {t.rows for t, _, _ in items}:
             sel = [(c, m) for t, c, m in items if t.rows == rows]
             sl = slice(None) if rows is None else slice(rows[0], rows[1])

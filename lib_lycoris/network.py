@@ -165,9 +165,7 @@ def build_network(raw: RawFile, name: Optional[str] = None) -> Network:
                                   file=str(raw.path), key=where + ".alpha")
             scale = adapter.scale_for(float(alpha.float().reshape(-1)[0]))
         elif dotted and comp in peft and adapter.algo in ("lora", "loha", "lokr"):
-            path = paths[(comp, body)]
-            path = path[len("base_model.model."):] if path.startswith("base_model.model.") else path
-            scale = _peft_scale(peft[comp], path, adapter.rank())
+            scale = _peft_scale(peft[comp], paths[(comp, body)], adapter.rank())   # `keys` strips base_model.model.
         else:
             scale = adapter.scale_for(None)
         dora = tensors.get("dora_scale")

@@ -40,8 +40,6 @@ class BOFT(Adapter):
         rescale, constraint = oft_extras(tensors, blocks.shape[1] * blocks.shape[2], where, cls.algo)
         return cls(blocks=blocks, rescale=rescale, constraint_factor=constraint)
 
-    def scale_for(self, alpha) -> float:
-        return 1.0
 
     def out_features(self) -> int:
         return self.blocks.shape[1] * self.blocks.shape[2]

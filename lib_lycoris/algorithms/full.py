@@ -25,8 +25,6 @@ class Full(Adapter):
     def from_tensors(cls, tensors: Mapping[str, Tensor], where: str = "") -> "Full":
         return cls(diff=tensors.get("diff"), diff_b=tensors.get("diff_b"))
 
-    def scale_for(self, alpha) -> float:
-        return 1.0
 
     def out_features(self) -> int:
         return (self.diff if self.diff is not None else self.diff_b).shape[0]

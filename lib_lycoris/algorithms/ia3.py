@@ -31,8 +31,6 @@ class IA3(Adapter):
               f"IA3 weight {tuple(w.shape)} must be a vector")
         return cls(w=w, on_input=on_input)
 
-    def scale_for(self, alpha) -> float:
-        return 1.0
 
     def out_features(self) -> int:
         return -1  # any: `fits` checks the channel axis instead

@@ -24,8 +24,6 @@ class Norm(Adapter):
     def from_tensors(cls, tensors: Mapping[str, Tensor], where: str = "") -> "Norm":
         return cls(w_norm=tensors.get("w_norm"), b_norm=tensors.get("b_norm"))
 
-    def scale_for(self, alpha) -> float:
-        return 1.0
 
     def out_features(self) -> int:
         return (self.w_norm if self.w_norm is not None else self.b_norm).shape[0]

@@ -45,8 +45,6 @@ class PeftOFT(Adapter):
         return cls(r_vec=vec, use_cayley_neumann=True if cn is None else bool(cn.item()),
                    neumann_terms=5 if terms is None else int(terms.item()))
 
-    def scale_for(self, alpha) -> float:
-        return 1.0
 
     def block(self) -> int:
         return block_size_for(self.r_vec.shape[1])
