@@ -498,13 +498,14 @@ class _BypassHook:
                 else:
                     y = F.linear(F.linear(x, down), up)
             else:
-                key = (id(c), m)
-                dw = self._delta_cache.get(key)
-                if dw is None:
+                # one cached ΔW(m) per network, in the input's dtype; recomputed when m changes
+                key = (m, x.dtype, x.device)
+                cached = self._delta_cache.get(id(c))
+                if cached is None or cached[0] != key:
                     src = self.slot.backup if self.slot.backup is not None else self.slot.view()
-                    dw = c.weight_delta(src.to(x.device).float(), m)
-                    self._delta_cache = {key: dw}
-                y = self._op(x, dw.to(x.dtype))
+                    cached = (key, c.weight_delta(src.to(x.device).float(), m).to(x.dtype))
+                    self._delta_cache[id(c)] = cached
+                y = self._op(x, cached[1])
                 b = c.bias_change(self.slot.bias_param.data, m) if self.slot.bias_param is not None else None
                 if b is not None:
                     y = y + (b.reshape(1, -1, 1, 1) if y.dim() == 4 else b).to(y.dtype)
