@@ -16,13 +16,20 @@ drift in fp16/bf16), a rollback after a failure half-way recomputes the exact pr
 `restore` copies the backup back. Plain LoRA contributions (most files) take one fused GEMM per slot:
 the factors of all networks on the slot are concatenated along the rank, scaled by m·s, and
 `addmm(backup, up_cat, down_cat, out=W)` reads the backup and writes the weight once (2 passes, no
-full-size temporaries for fp32 weights).
+full-size temporaries for fp32 weights); where the weight holds the original bits (a first apply) the
+GEMM runs in place, `W.addmm_(up_cat, down_cat)`, on the weight alone.
 
-Backups (memory, for the weights networks touch):
-- backup='device' (default): a copy on the weight's own device: + the touched weights' size there;
-  a strength change costs 2 passes over each touched weight.
+Backups (memory, for the weights networks touch), made on a weight's first write:
+- backup='device' (default): a copy on the weight's own device: + the touched weights' size there.
 - backup='cpu': a copy in (pinned, on CUDA) host memory: no extra device memory; each re-patch reads
   the backup over the bus.
+With keep_backups (default on CPU, where fresh memory costs page faults) `restore` keeps the backups,
+as A1111 keeps its weight backups for the life of the model, so the next apply writes in place without
+copying again (+ the touched weights' size held until `release_backups()`). A kept backup is used only
+while the parameter is provably untouched since our restore (same storage, same autograd version
+counter, which every in-place write through the parameter bumps, and equal sample elements); else it is
+dropped and the weight backed up anew. The parameters' tensors are never replaced (`param.data` keeps
+its storage), so hosts that hold references to them are unaffected.
 
 Modes per network: 'merge' writes weights; 'bypass' adds m·s·h(x) to the module's output with a removable
 forward hook (no weight written; for networks whose multiplier changes every step, or quantized weights).
@@ -93,7 +100,7 @@ class _Slot:
     param: Tensor              # the live full parameter (its .data is written)
     bias_param: Optional[Tensor]
     group: tuple               # (component, block) for multiplier lookup
-    backup: Optional[Tensor] = None
+    backup: Optional[Tensor] = None            # a copy of the original bits
     bias_backup: Optional[Tensor] = None
     contribs: dict = field(default_factory=dict)    # active key -> Contribution
     applied: tuple = ()        # ((key, m), ...) now in the weight (merge mode)
@@ -116,6 +123,36 @@ class _Slot:
 
 
 @dataclass
+class _Kept:
+    """A weight backup kept after `restore`, with what proves the parameter untouched since."""
+
+    backup: Tensor
+    data_ptr: int
+    version: int
+    sample: Tensor             # evenly spaced elements of the backup at restore time
+
+    SAMPLES = 16
+
+    @staticmethod
+    def _sample(t: Tensor) -> Tensor:
+        flat = t.reshape(-1)
+        n = flat.numel()
+        k = min(_Kept.SAMPLES, n)
+        idx = torch.arange(k, device=t.device) * (n - 1) // max(k - 1, 1)   # integer: exact at any size
+        return flat[idx].to("cpu", copy=True)
+
+    @classmethod
+    def of(cls, slot: "_Slot") -> "_Kept":
+        return cls(slot.backup, slot.param.data_ptr(), slot.param._version, cls._sample(slot.backup))
+
+    def valid(self, slot: "_Slot") -> bool:
+        w = slot.view()
+        return (slot.param.data_ptr() == self.data_ptr and slot.param._version == self.version
+                and w.shape == self.backup.shape and w.dtype == self.backup.dtype
+                and torch.equal(self._sample(w), self.sample))
+
+
+@dataclass
 class ApplyStats:
     networks: int = 0
     slots_written: int = 0
@@ -134,12 +171,14 @@ class Patcher:
     """Applies networks to one model; see the module docstring for the contract."""
 
     def __init__(self, model: torch.nn.Module, *, modelmap: Optional[ModelMap] = None,
-                 backup: str = "device", compute: str = "float32",
+                 backup: str = "device", compute: str = "float32", keep_backups: Optional[bool] = None,
                  named_params: Optional[Mapping[str, Tensor]] = None,
                  modules: Optional[Mapping[str, torch.nn.Module]] = None) -> None:
         """Args: model: the root module (names as in `modelmap`); backup: 'device' | 'cpu' (see module
         doc); compute: 'float32' (deltas in float32, one rounding to the weight's dtype) or 'weight' (LoRA
-        GEMMs in the weight's dtype with float32 accumulation: one pass fewer for fp16/bf16 weights)."""
+        GEMMs in the weight's dtype with float32 accumulation: one pass fewer for fp16/bf16 weights);
+        keep_backups: keep weight backups after `restore` for the next apply (None: where the backup
+        is in host memory, i.e. on CPU or with backup='cpu')."""
         if backup not in BACKUPS:
             raise ValueError(f"backup must be one of {BACKUPS}")
         if compute not in COMPUTES:
@@ -154,6 +193,8 @@ class Patcher:
         self._active: dict = {}            # key -> _Active
         self._slots: dict = {}             # (weight name, rows) -> _Slot
         self._hooks: dict = {}             # module name -> _BypassHook
+        self._kept: dict = {}              # (weight name, rows) -> _Kept, backups kept after restore
+        self.keep_backups = keep_backups
         self.step = 1
         self.total = 1
         self.hires = False
@@ -215,11 +256,9 @@ class Patcher:
 
     def restore(self) -> None:
         """Every touched weight back to its original bits; hooks removed; networks dropped."""
-        for slot in self._slots.values():
-            if slot.backup is not None:
-                slot.view().copy_(slot.backup)
-            if slot.bias_backup is not None:
-                slot.bias_view().copy_(slot.bias_backup)
+        with torch.no_grad():
+            for slot in self._slots.values():
+                self._put_back(slot)
         for h in self._hooks.values():
             h.remove()
         self._hooks.clear()
@@ -231,10 +270,16 @@ class Patcher:
         return [a.network for a in self._active.values()]
 
     def extra_memory(self) -> int:
-        """Bytes held for backups (weights and biases)."""
-        return sum((s.backup.numel() * s.backup.element_size() if s.backup is not None else 0)
-                   + (s.bias_backup.numel() * s.bias_backup.element_size() if s.bias_backup is not None else 0)
-                   for s in self._slots.values())
+        """Bytes held beyond the model: backups of weights and biases, in use or kept."""
+        held = [t for s in self._slots.values() for t in (s.backup, s.bias_backup) if t is not None]
+        held += [k.backup for k in self._kept.values()]
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def release_backups(self) -> int:
+        """Free the backups kept after `restore` (see keep_backups); returns the bytes released."""
+        n = sum(k.backup.numel() * k.backup.element_size() for k in self._kept.values())
+        self._kept.clear()
+        return n
 
     # --- internals ----------------------------------------------------------------------------------
     def _set_active(self, wanted: dict) -> None:
@@ -303,6 +348,9 @@ class Patcher:
                 slot.applied = want
         except BaseException:
             log.error("patching failed after %d of %d weights; rolling back", len(done), len(plan))
+            failed = plan[len(done)][0]
+            if failed.backup is not None:
+                self._write(failed, failed.applied)    # it may be half-written (the in-place GEMM: applied == ())
             for slot, previous in reversed(done):
                 self._write(slot, previous)
                 slot.applied = previous
@@ -322,12 +370,30 @@ class Patcher:
         return t.detach().clone()
 
     def _ensure_backup(self, slot: _Slot) -> None:
-        """Back up the weight on first write; the bias only once a network on the slot carries a bias delta."""
+        """Back up the weight on first write (a kept backup if still valid); the bias only once a network on
+        the slot carries a bias delta."""
         if slot.backup is None:
-            slot.backup = self._copy_out(slot.view())
+            kept = self._kept.pop((slot.target.weight, slot.target.rows), None)
+            slot.backup = kept.backup if kept is not None and kept.valid(slot) else self._copy_out(slot.view())
         if slot.bias_backup is None and slot.bias_param is not None and \
                 any(c.bias_delta is not None for c in slot.contribs.values()):
             slot.bias_backup = self._copy_out(slot.bias_view())
+
+    def _put_back(self, slot: _Slot) -> None:
+        """The original weight and bias back in the parameters; the weight backup kept (keep_backups) or freed."""
+        if slot.backup is None:
+            return
+        if slot.applied:
+            slot.view().copy_(slot.backup)
+            slot.applied = ()
+        if slot.bias_backup is not None:
+            slot.bias_view().copy_(slot.bias_backup)
+        keep = self.keep_backups
+        if keep is None:
+            keep = slot.backup.device.type == "cpu"
+        if keep:
+            self._kept[(slot.target.weight, slot.target.rows)] = _Kept.of(slot)
+        slot.backup = slot.bias_backup = None
 
     def _factors(self, slot: _Slot, key: tuple, device: torch.device, dtype: torch.dtype) -> Optional[tuple]:
         """(up, down) of a plain-LoRA contribution on `device` in `dtype`, converted once and cached."""
@@ -339,6 +405,8 @@ class Patcher:
 
     def _write(self, slot: _Slot, items: tuple) -> None:
         """Weight (and bias) := pure function of backup and items (see module doc and `write_weight`)."""
+        if not items and slot.backup is None:
+            return                                 # never written: the original is in place
         self._ensure_backup(slot)
         w = slot.view()
         dev = w.device
@@ -346,7 +414,8 @@ class Patcher:
         with torch.no_grad():
             lr_dtype = w.dtype if self.compute == "weight" else torch.float32
             terms = [(slot.contribs[k], m, self._factors(slot, k, dev, lr_dtype)) for k, m in items]
-            write_weight(w, base, terms, self.compute)   # no items: the backup itself
+            # applied == (): the weight holds the backup's bits, so a LoRA GEMM can run in place
+            write_weight(w, base, terms, self.compute, holds_base=not slot.applied)
             if slot.bias_backup is not None:
                 contribs = [(c, m) for c, m, _ in terms]
                 bias = slot.bias_backup.to(dev, non_blocking=True)
@@ -357,6 +426,8 @@ class Patcher:
     def _drop_idle_slots(self) -> None:
         for k in [k for k, s in self._slots.items() if not s.contribs and not s.applied]:
             slot = self._slots.pop(k)
+            with torch.no_grad():
+                self._put_back(slot)
             h = self._hooks.pop(slot.target.module, None)
             if h is not None:
                 h.remove()
@@ -378,8 +449,10 @@ class Patcher:
         hook.items = new
 
 
-def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32") -> None:
-    """w := base + Σ (W'_i(m_i) − base), written in place; base is the original weight (not w itself).
+def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32", holds_base: bool = False) -> None:
+    """w := base + Σ (W'_i(m_i) − base), written in place; base is the original weight (not w itself);
+    holds_base: w already equals base bit for bit (plain LoRA terms then update w in place, w += α·up@down,
+    which is the same GEMM with β=1 on the same bits as addmm(base, ...), without reading base).
 
     terms: (Contribution, m, LoRA factors (up, down) or None); the factors are float32, or w's dtype with
     compute='weight'. Plain LoRA terms: one addmm over the concatenated factors, reading base and writing w
@@ -394,7 +467,10 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32")
     other = [(c, m) for c, m, f in terms if f is None]
     if lr and not other and direct:
         up, down, alpha = _stack(lr)
-        torch.addmm(base.reshape(base.shape[0], -1), up, down, alpha=alpha, out=w.view(w.shape[0], -1))
+        if holds_base:
+            w.view(w.shape[0], -1).addmm_(up, down, alpha=alpha)
+        else:
+            torch.addmm(base.reshape(base.shape[0], -1), up, down, alpha=alpha, out=w.view(w.shape[0], -1))
         return
     base32 = base.float()
     acc = w if w.dtype == torch.float32 and w.is_contiguous() else torch.empty(

@@ -122,6 +122,92 @@ def test_failure_half_way_rolls_back(nets, monkeypatch):
     p.restore()
 
 
+@pytest.mark.parametrize("first", [True, False])
+def test_failure_inside_a_write_leaves_no_half_written_weight(nets, monkeypatch, first):
+    """The failing weight itself is garbage when the error comes (a kernel dying half-way): still exact."""
+    import lib_lycoris.patcher as patcher_mod
+    tm = tiny_model("sd1", 0)
+    p = Patcher(tm.root)
+    if not first:
+        p.apply([(nets["lora"], Strength(1.0))])
+    snap = _snapshot(tm.root)
+    ptrs = {k: v.data_ptr() for k, v in tm.root.named_parameters()}
+    calls = {"n": 0}
+    real = patcher_mod.write_weight
+
+    def dying(w, base, terms, compute="float32", **kw):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            w.fill_(float("nan"))
+            raise RuntimeError("simulated kernel failure")
+        return real(w, base, terms, compute, **kw)
+    monkeypatch.setattr(patcher_mod, "write_weight", dying)
+    with pytest.raises(RuntimeError):
+        p.apply([(nets["lora"], Strength(0.5))])
+    monkeypatch.setattr(patcher_mod, "write_weight", real)
+    _assert_same(tm.root, snap)
+    assert {k: v.data_ptr() for k, v in tm.root.named_parameters()} == ptrs
+    p.restore()
+
+
+def test_kept_backups_are_reused_only_while_the_weights_are_untouched(nets):
+    """keep_backups: restore keeps the backups (A1111 keeps its own for the model's life) and the next apply
+    writes in place; a weight changed by someone else since (through the parameter, or behind autograd's
+    back through .data) is backed up anew, so a restore never brings back stale bits."""
+    tm = tiny_model("sd1", 0)
+    snap = _snapshot(tm.root)
+    ptrs = {k: v.data_ptr() for k, v in tm.root.named_parameters()}
+    p = Patcher(tm.root, keep_backups=True)
+    p.apply([(nets["lora"], Strength(1.0))])
+    backups = {k: s.backup.data_ptr() for k, s in p._slots.items()}
+    p.restore()
+    _assert_same(tm.root, snap)
+    held = p.extra_memory()
+    assert held > 0 and held == sum(t.numel() * t.element_size() for t in (k.backup for k in p._kept.values()))
+    p.apply([(nets["lora"], Strength(0.5))])
+    assert {k: s.backup.data_ptr() for k, s in p._slots.items()} == backups     # reused, not copied again
+    fresh = tiny_model("sd1", 0)
+    Patcher(fresh.root).apply([(nets["lora"], Strength(0.5))])
+    for (k, x), (_, y) in zip(tm.root.named_parameters(), fresh.root.named_parameters()):
+        assert torch.equal(x, y), k
+    p.restore()
+    # someone else changes two weights between generations
+    names = sorted({s_[0] for s_ in backups})[:2]
+    with torch.no_grad():
+        tm.root.get_parameter(names[0]).mul_(2.0)                 # bumps the version counter
+        tm.root.get_parameter(names[1]).data.mul_(3.0)            # does not: caught by the sample check
+    changed = _snapshot(tm.root)
+    p.apply([(nets["lora"], Strength(1.0))])
+    p.restore()
+    _assert_same(tm.root, changed)
+    assert {k: v.data_ptr() for k, v in tm.root.named_parameters()} == ptrs   # tensors never replaced
+    assert p.release_backups() > 0 and p.extra_memory() == 0
+    q = Patcher(tm.root, keep_backups=False)
+    q.apply([(nets["lora"], Strength(1.0))])
+    q.restore()
+    assert q.extra_memory() == 0
+    _assert_same(tm.root, changed)
+
+
+def test_restore_after_the_host_replaced_a_patched_tensor(nets):
+    """A host that moves or reloads a parameter while patched (param.data = new tensor): restore copies
+    the original bits into the host's tensor instead of swapping ours back."""
+    tm = tiny_model("sd1", 0)
+    snap = _snapshot(tm.root)
+    p = Patcher(tm.root)
+    p.apply([(nets["lora"], Strength(1.0))])
+    moved = [k for k, v in tm.root.named_parameters() if not torch.equal(v, snap[k])]
+    hosts = {}
+    for k in moved[:5]:
+        param = tm.root.get_parameter(k)
+        param.data = param.data.clone()            # e.g. module.to(other device) and back
+        hosts[k] = param.data.data_ptr()
+    p.apply([(nets["lora"], Strength(0.5))])        # writes into the host's tensors
+    p.restore()
+    _assert_same(tm.root, snap)
+    assert all(tm.root.get_parameter(k).data_ptr() == ptr for k, ptr in hosts.items())
+
+
 @pytest.mark.parametrize("kind", [t for t in TYPES if t != "norm"])
 def test_bypass_equals_merge(nets, kind):
     """The UNet output with forward hooks equals the output with merged weights (every adapter type)."""
@@ -210,3 +296,29 @@ def test_bare_unet_and_compute_in_weight_dtype(nets, tmp_path):
     assert changed > 50
     pa.restore()
     _assert_same(a.unet, snap)
+
+
+@pytest.mark.parametrize("n", [1, 2, 17, 2**25 + 3])
+def test_kept_backup_sample_spans_the_whole_weight(n):
+    """The staleness sample reaches the first and the last element at any size (float index math does not)."""
+    from lib_lycoris.patcher import _Kept
+    t = torch.zeros(n, dtype=torch.uint8)
+    t[-1] = 7
+    s = _Kept._sample(t)
+    assert s.numel() == min(_Kept.SAMPLES, n) and int(s[-1]) == 7
+
+
+def test_in_place_first_write_equals_a_rewrite_from_the_backup(nets):
+    """A first apply updates the weight in place (it holds the original bits); a later rewrite reads the
+    backup. Both must give the same bits, or a set would depend on the path that led to it."""
+    a, b = tiny_model("sd1", 0), tiny_model("sd1", 0)
+    items = [(nets["lora"], Strength(0.8))]
+    Patcher(a.root).apply(items)                     # in place
+    pb = Patcher(b.root)
+    pb.apply([(nets["lora"], Strength(0.3))])
+    pb.apply(items)                                  # from the backup
+    n = 0
+    for (k, x), (_, y) in zip(a.root.named_parameters(), b.root.named_parameters()):
+        assert torch.equal(x, y), k
+        n += 1
+    assert n > 100
