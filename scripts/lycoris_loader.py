@@ -108,6 +108,7 @@ class Host:
         self.activation = None             # the last Activation of this batch
         self.steps = 1
         self.hires = False
+        self.processing = None             # the batch's processing object (its sampler), until restore
 
     # --- folders and cache ------------------------------------------------------------------------
     @staticmethod
@@ -152,12 +153,14 @@ class Host:
             self._patcher = None
             self._patcher_model = None
             self.activation = None
+            self.processing = None
 
     def restore(self) -> None:
         with self.lock:
             if self._patcher is not None:
                 self._patcher.restore()
             self.activation = None
+            self.processing = None
 
 
 HOST = Host()
@@ -201,6 +204,7 @@ class ExtraNetworkLycoris(extra_networks.ExtraNetwork):
                                         mode=mode if mode in MODES else "merge", step=1)
             act.warnings[:0] = parsed.warnings
             host.activation, host.steps, host.hires = act, steps, hires
+            host.processing = p
         for w in act.warnings:
             log.warning("%s", w)
         if act.requests:
@@ -276,9 +280,11 @@ def on_cfg_denoiser(params) -> None:
     if act is None or not any(r.is_scheduled() for r, _ in act.used):
         return
     den = getattr(params, "denoiser", None)
+    if den is None:    # A1111 < 1.8 passes no denoiser: the sampler's own (its `step` counts calls too)
+        den = getattr(getattr(host.processing, "sampler", None), "model_wrap_cfg", None)
     calls = getattr(den, "step", None)
     expected = getattr(den, "total_steps", None) or host.steps
-    if calls is None:  # hosts without a denoiser object: the lagged state counter
+    if calls is None:  # no denoiser object at all: the state counter, which lags one call behind
         calls = int(getattr(params, "sampling_step", 0))
         expected = int(getattr(params, "total_sampling_steps", host.steps) or host.steps)
     step = min(host.steps, int(calls * host.steps / max(int(expected), 1)) + 1)
@@ -481,6 +487,12 @@ def on_app_started(_demo, app) -> None:
 # --------------------------------------------------------------------------------------------------
 # Networks tab (classes built on first use: the host's UI modules import gradio)
 
+def _embedded_preview(page, base: str, name: str, md: dict) -> Optional[str]:
+    """The preview embedded in the file's metadata (A1111 >= 1.9 only; older hosts have no such method)."""
+    find = getattr(page, "find_embedded_preview", None)
+    return find(base, name, md) if find is not None else None
+
+
 def card_item(page, entry, index: int, shared_opts) -> Optional[dict]:
     """The host's card dict for one network file (None = hidden by the base-model filter)."""
     from modules.ui_extra_networks import quote_js
@@ -496,7 +508,7 @@ def card_item(page, entry, index: int, shared_opts) -> Optional[dict]:
         "name": entry.relname,
         "filename": path,
         "shorthash": None,
-        "preview": page.find_preview(base) or page.find_embedded_preview(base, entry.relname, md),
+        "preview": page.find_preview(base) or _embedded_preview(page, base, entry.relname, md),
         "description": page.find_description(base),
         "search_terms": [page.search_terms_from_path(path), BASE_MODEL_LABELS[arch]],
         "local_preview": f"{base}.{shared_opts.samples_format}",

@@ -130,6 +130,39 @@ def test_step_callback_moves_scheduled_weights(glue):
     assert _same(glue.tm.root, base)
 
 
+def test_step_callback_without_denoiser_uses_the_samplers(glue):
+    """A1111 1.7 passes no denoiser in the callback params, and its state counter lags one call behind:
+    the step comes from the sampler's own CFG denoiser (p.sampler.model_wrap_cfg)."""
+    net = glue.mod.EXTRA_NETWORK
+    p = _p(glue.shared, steps=4)
+    base = _snapshot(glue.tm.root)
+    net.activate(p, _params(glue.en, "<lora:ink:0@1,1@3>"))   # off for steps 1-2, on from step 3
+    p.sampler = SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=1, total_steps=4))
+    glue.mod.on_cfg_denoiser(SimpleNamespace(sampling_step=0, total_sampling_steps=4))   # 2nd call: step 2
+    assert _same(glue.tm.root, base)
+    p.sampler.model_wrap_cfg.step = 2                               # 3rd call (the lagged counter says 1)
+    glue.mod.on_cfg_denoiser(SimpleNamespace(sampling_step=1, total_sampling_steps=4))
+    assert not _same(glue.tm.root, base)
+    net.deactivate(p)
+    assert _same(glue.tm.root, base)
+
+
+def test_cards_on_hosts_without_embedded_previews(glue, monkeypatch):
+    """A1111 1.7/1.8 pages have no find_embedded_preview (added in 1.9): the card is built without it."""
+    import json
+    from modules import shared
+    monkeypatch.setitem(sys.modules, "modules.ui_extra_networks", SimpleNamespace(quote_js=json.dumps))
+    calls = []
+    page = SimpleNamespace(find_preview=lambda base: None, find_description=lambda base: None,
+                           search_terms_from_path=lambda path: path, get_sort_keys=lambda path: {},
+                           read_user_metadata=lambda item: item.setdefault("user_metadata", {}))
+    entry = list(glue.mod.HOST.runtime.index.entries())[0]
+    old = glue.mod.card_item(page, entry, 0, shared.opts)
+    page.find_embedded_preview = lambda base, name, md: calls.append(name) or "data:image/png;base64,AA"
+    new = glue.mod.card_item(page, entry, 0, shared.opts)
+    assert old["preview"] is None and new["preview"].startswith("data:") and calls == [entry.relname]
+
+
 def test_te_schedule_encodes_per_segment_and_splices(glue):
     from modules import prompt_parser as pp
     net = glue.mod.EXTRA_NETWORK
