@@ -142,7 +142,8 @@ class Host:
     # --- the patcher of the loaded model --------------------------------------------------------
     def patcher(self, sd_model) -> Patcher:
         if self._patcher is None or self._patcher_model is not sd_model:
-            self._patcher = Patcher.from_components(model_components(sd_model))
+            keep = None if _opt("lycoris_keep_backups", True) else False
+            self._patcher = Patcher.from_components(model_components(sd_model), keep_backups=keep)
             self._patcher_model = sd_model
             log.info("patcher ready for %s (%s)", type(sd_model).__name__, self._patcher.modelmap.arch)
         return self._patcher
@@ -154,6 +155,15 @@ class Host:
             self._patcher_model = None
             self.activation = None
             self.processing = None
+
+    def keep_backups_changed(self) -> None:
+        """The setting went off: free the kept backups now; either way it holds for the next apply."""
+        with self.lock:
+            if self._patcher is not None:
+                keep = _opt("lycoris_keep_backups", True)
+                self._patcher.keep_backups = None if keep else False
+                if not keep:
+                    log.info("freed %d MB of kept weight backups", self._patcher.release_backups() >> 20)
 
     def restore(self) -> None:
         with self.lock:
@@ -724,6 +734,10 @@ def on_ui_settings() -> None:
             0, "Add trigger words of the networks in the prompt", gr.Slider,
             {"minimum": -1, "maximum": 16, "step": 1}, section=section).info(
             "0 = off, -1 = all, n = first n per network; _tags_ in the prompt marks where they go"),
+        "lycoris_keep_backups": shared.OptionInfo(
+            True, "Keep weight backups in RAM between generations", section=section).info(
+            "as the built-in Lora does: the next image's networks are applied without copying the weights again; "
+            "costs the touched weights' size in RAM (for a CPU model; GPU backups are never kept)"),
         "lycoris_add_hashes_to_infotext": shared.OptionInfo(True, "Add Lora hashes to infotext", section=section),
         "lycoris_hide_mismatched": shared.OptionInfo(
             False, "Hide networks made for another base model than the loaded one", section=section),
@@ -731,6 +745,7 @@ def on_ui_settings() -> None:
     for key, info in opts.items():
         shared.opts.add_option(key, info)
     shared.opts.onchange("lycoris_cache_mb", HOST.refresh)
+    shared.opts.onchange("lycoris_keep_backups", HOST.keep_backups_changed)
 
 
 def _model_loaded(sd_model) -> None:

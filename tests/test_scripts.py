@@ -237,3 +237,19 @@ def test_preload_adds_folders_once(monkeypatch):
     mod.preload(parser)          # the built-in's preload ran first: nothing is added twice
     args = parser.parse_args(["--lyco-dir", "/x"])
     assert args.lyco_dir_backcompat == "/x" and args.lora_dir.endswith("Lora")
+
+
+def test_keep_backups_setting(glue):
+    """On by default (a CPU model keeps its backups after deactivate); off frees them and stops keeping."""
+    net = glue.mod.EXTRA_NETWORK
+    p = _p(glue.shared)
+    net.activate(p, _params(glue.en, "<lora:ink:1>"))
+    net.deactivate(p)
+    patcher = glue.mod.HOST._patcher
+    assert patcher.extra_memory() > 0
+    glue.shared.opts.lycoris_keep_backups = False
+    glue.mod.HOST.keep_backups_changed()
+    assert patcher.extra_memory() == 0
+    net.activate(p, _params(glue.en, "<lora:ink:1>"))
+    net.deactivate(p)
+    assert patcher.extra_memory() == 0
