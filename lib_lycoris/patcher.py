@@ -456,8 +456,9 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32",
 
     terms: (Contribution, m, LoRA factors (up, down) or None); the factors are float32, or w's dtype with
     compute='weight'. Plain LoRA terms: one addmm over the concatenated factors, reading base and writing w
-    (fp32 weights, or any dtype with compute='weight'); other terms accumulate in float32 in place, then one
-    rounding to w's dtype. The same function serves the Patcher and `merge`, so both give the same bits.
+    (fp32 weights, or any dtype with compute='weight'); other terms accumulate in float32 in place (LoHa
+    as addcmul of its two products), then one rounding to w's dtype. The same function serves the Patcher
+    and `merge`, so both give the same bits.
     """
     if not terms:
         w.copy_(base)
@@ -475,12 +476,23 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32",
     base32 = base.float()
     acc = w if w.dtype == torch.float32 and w.is_contiguous() else torch.empty(
         w.shape, dtype=torch.float32, device=w.device)
-    started = False
+    started = holds_base and acc is w          # acc already holds base's bits: update it in place
     if lr:
         up, down, alpha = _stack([((u.float(), d.float()), c, m) for (u, d), c, m in lr])
-        torch.addmm(base32.reshape(base.shape[0], -1), up, down, alpha=alpha, out=acc.view(acc.shape[0], -1))
+        if started:
+            acc.view(acc.shape[0], -1).addmm_(up, down, alpha=alpha)
+        else:
+            torch.addmm(base32.reshape(base.shape[0], -1), up, down, alpha=alpha, out=acc.view(acc.shape[0], -1))
         started = True
     for c, m in other:
+        pair = c.adapter.hadamard(base32) if c.linear_in_strength else None
+        if pair is not None:                   # LoHa: the product fused into the add, ΔW never materialised
+            if started:
+                acc.addcmul_(pair[0], pair[1], value=m * c.scale)
+            else:
+                torch.addcmul(base32, pair[0], pair[1], value=m * c.scale, out=acc)
+                started = True
+            continue
         if c.linear_in_strength:
             d, alpha = c.adapter.delta(base32), m * c.scale
         else:

@@ -77,6 +77,11 @@ class Adapter:
         """Unscaled ΔW, float32, shape of `base`, on `base`'s device."""
         raise NotImplementedError
 
+    def hadamard(self, base: Tensor) -> Optional[tuple]:
+        """(w1, w2) float32, shape of `base`, with delta = w1 ⊙ w2 (LoHa), so a writer can fuse the product
+        into its add (addcmul) instead of materialising ΔW; None for other types."""
+        return None
+
     def rotate(self, base: Tensor, multiplier: float) -> Tensor:
         raise NotImplementedError
 

@@ -58,7 +58,7 @@ class LoHa(Adapter):
             return self.out_features() * self.w1_b.shape[1] * self.t1.shape[2] * self.t1.shape[3]
         return self.w1_a.shape[0] * self.w1_b.shape[1]
 
-    def delta(self, base: Tensor) -> Tensor:
+    def hadamard(self, base: Tensor) -> tuple:
         d = base.device
         if self.t1 is not None:
             w1 = rebuild_tucker(f32(self.t1, d), f32(self.w1_a, d), f32(self.w1_b, d))
@@ -66,4 +66,8 @@ class LoHa(Adapter):
         else:
             w1 = f32(self.w1_a, d) @ f32(self.w1_b, d)
             w2 = f32(self.w2_a, d) @ f32(self.w2_b, d)
-        return (w1 * w2).reshape(base.shape)
+        return w1.reshape(base.shape), w2.reshape(base.shape)
+
+    def delta(self, base: Tensor) -> Tensor:
+        w1, w2 = self.hadamard(base)
+        return w1 * w2
