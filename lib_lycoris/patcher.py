@@ -128,7 +128,7 @@ class _Kept:
 
     backup: Tensor
     data_ptr: int
-    version: int
+    version: Optional[int]
     sample: Tensor             # evenly spaced elements of the backup at restore time
 
     SAMPLES = 16
@@ -141,13 +141,19 @@ class _Kept:
         idx = torch.arange(k, device=t.device) * (n - 1) // max(k - 1, 1)   # integer: exact at any size
         return flat[idx].to("cpu", copy=True)
 
+    @staticmethod
+    def _version(t: Tensor) -> Optional[int]:
+        """The autograd version counter; None for inference tensors (Forge builds its models under
+        torch.inference_mode()), which have none: storage and samples must then prove it alone."""
+        return None if t.is_inference() else t._version
+
     @classmethod
     def of(cls, slot: "_Slot") -> "_Kept":
-        return cls(slot.backup, slot.param.data_ptr(), slot.param._version, cls._sample(slot.backup))
+        return cls(slot.backup, slot.param.data_ptr(), cls._version(slot.param), cls._sample(slot.backup))
 
     def valid(self, slot: "_Slot") -> bool:
         w = slot.view()
-        return (slot.param.data_ptr() == self.data_ptr and slot.param._version == self.version
+        return (slot.param.data_ptr() == self.data_ptr and self._version(slot.param) == self.version
                 and w.shape == self.backup.shape and w.dtype == self.backup.dtype
                 and torch.equal(self._sample(w), self.sample))
 

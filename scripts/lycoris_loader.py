@@ -56,11 +56,12 @@ def model_components(sd_model) -> dict:
     if forge is not None:
         comps = {"unet": forge.unet.model.diffusion_model}
         te = getattr(forge.clip, "cond_stage_model", None)
-        for key, name in (("te1", "clip_l"), ("te2", "clip_g")):
+        # SD1 clip_l; SD2 clip_h (OpenCLIP-H in HF layout); SDXL clip_l + clip_g
+        for key, name in (("te1", "clip_l"), ("te1", "clip_h"), ("te2", "clip_g")):
             enc = getattr(te, name, None) if te is not None else None
-            if enc is not None:
+            if enc is not None and key not in comps:
                 comps[key] = getattr(enc, "transformer", enc)
-        if "te1" not in comps and "te2" in comps:   # SD2-like single OpenCLIP encoder
+        if "te1" not in comps and "te2" in comps:   # a single OpenCLIP-G encoder
             comps["te1"] = comps.pop("te2")
         return comps
     comps = {"unet": sd_model.model.diffusion_model}

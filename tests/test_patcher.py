@@ -322,3 +322,25 @@ def test_in_place_first_write_equals_a_rewrite_from_the_backup(nets):
         assert torch.equal(x, y), k
         n += 1
     assert n > 100
+
+
+def test_inference_tensors(nets):
+    """Forge builds its model under torch.inference_mode(): its parameters have no version counter. Apply,
+    restore, the kept backups and their staleness check must work on them (inside inference mode, as there)."""
+    with torch.inference_mode():
+        tm = tiny_model("sd1", 0)
+        assert next(tm.root.parameters()).is_inference()
+        snap = {k: v.clone() for k, v in tm.root.named_parameters()}
+        p = Patcher(tm.root, keep_backups=True)
+        for s in (1.0, 0.5):
+            p.apply([(nets["lora"], Strength(s)), (nets["loha"], Strength(s))])
+            assert not all(torch.equal(v, snap[k]) for k, v in tm.root.named_parameters())
+            p.restore()
+            assert all(torch.equal(v, snap[k]) for k, v in tm.root.named_parameters())
+        assert p.extra_memory() > 0
+        name = next(k for k, _ in p._kept)
+        tm.root.get_parameter(name).mul_(2.0)          # changed behind our back: caught by the samples
+        changed = {k: v.clone() for k, v in tm.root.named_parameters()}
+        p.apply([(nets["lora"], Strength(1.0))])
+        p.restore()
+        assert all(torch.equal(v, changed[k]) for k, v in tm.root.named_parameters())

@@ -253,3 +253,21 @@ def test_keep_backups_setting(glue):
     net.activate(p, _params(glue.en, "<lora:ink:1>"))
     net.deactivate(p)
     assert patcher.extra_memory() == 0
+
+
+@pytest.mark.parametrize("names,expected", [
+    (("clip_l",), {"unet", "te1"}),                       # SD1
+    (("clip_h",), {"unet", "te1"}),                       # SD2: Forge's OpenCLIP-H in HF layout
+    (("clip_l", "clip_g"), {"unet", "te1", "te2"}),       # SDXL
+])
+def test_forge_text_encoders_found(glue, names, expected):
+    """Forge holds its text encoders under cond_stage_model.clip_l / clip_h / clip_g, each with .transformer."""
+    towers = {n: SimpleNamespace(transformer=torch.nn.Linear(2, 2)) for n in names}
+    unet = torch.nn.Linear(2, 2)
+    forge = SimpleNamespace(unet=SimpleNamespace(model=SimpleNamespace(diffusion_model=unet)),
+                            clip=SimpleNamespace(cond_stage_model=SimpleNamespace(**towers)))
+    comps = glue.mod.model_components(SimpleNamespace(forge_objects=forge))
+    assert set(comps) == expected and comps["unet"] is unet
+    assert comps["te1"] is towers[names[0]].transformer
+    if "te2" in expected:
+        assert comps["te2"] is towers["clip_g"].transformer
