@@ -77,9 +77,10 @@ class Adapter:
         """Unscaled ΔW, float32, shape of `base`, on `base`'s device."""
         raise NotImplementedError
 
-    def hadamard(self, base: Tensor) -> Optional[tuple]:
+    def hadamard(self, base: Tensor, out: Optional[tuple] = None) -> Optional[tuple]:
         """(w1, w2) float32, shape of `base`, with delta = w1 ⊙ w2 (LoHa), so a writer can fuse the product
-        into its add (addcmul) instead of materialising ΔW; None for other types."""
+        into its add (addcmul) instead of materialising ΔW; None for other types. out: two flat float32
+        buffers of at least base.numel() elements to compute into (no fresh full-size memory)."""
         return None
 
     def rotate(self, base: Tensor, multiplier: float) -> Tensor:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+import torch
+
 from .base import Adapter, Tensor, check, f32, need, rebuild_tucker
 
 
@@ -58,11 +60,15 @@ class LoHa(Adapter):
             return self.out_features() * self.w1_b.shape[1] * self.t1.shape[2] * self.t1.shape[3]
         return self.w1_a.shape[0] * self.w1_b.shape[1]
 
-    def hadamard(self, base: Tensor) -> tuple:
+    def hadamard(self, base: Tensor, out: Optional[tuple] = None) -> tuple:
         d = base.device
         if self.t1 is not None:
             w1 = rebuild_tucker(f32(self.t1, d), f32(self.w1_a, d), f32(self.w1_b, d))
             w2 = rebuild_tucker(f32(self.t2, d), f32(self.w2_a, d), f32(self.w2_b, d))
+        elif out is not None:
+            n, shape = base.numel(), (self.w1_a.shape[0], self.w1_b.shape[1])
+            w1 = torch.mm(f32(self.w1_a, d), f32(self.w1_b, d), out=out[0][:n].view(shape))
+            w2 = torch.mm(f32(self.w2_a, d), f32(self.w2_b, d), out=out[1][:n].view(shape))
         else:
             w1 = f32(self.w1_a, d) @ f32(self.w1_b, d)
             w2 = f32(self.w2_a, d) @ f32(self.w2_b, d)
