@@ -29,7 +29,8 @@ copying again (+ the touched weights' size held until `release_backups()`). A ke
 while the parameter is provably untouched since our restore (same storage, same autograd version
 counter, which every in-place write through the parameter bumps, and equal sample elements); else it is
 dropped and the weight backed up anew. The parameters' tensors are never replaced (`param.data` keeps
-its storage), so hosts that hold references to them are unaffected.
+its storage), so hosts that hold references to them are unaffected. LoHa's two full-size products go
+into two reused scratch buffers (+ 2 × the largest touched weight in float32).
 
 Modes per network: 'merge' writes weights; 'bypass' adds m·s·h(x) to the module's output with a removable
 forward hook (no weight written; for networks whose multiplier changes every step, or quantized weights).
