@@ -246,6 +246,7 @@ class OpCounter(TorchDispatchMode):
         fresh = all(r.alias_info is None for r in schema.returns)
         if fresh and "out" not in kwargs:
             self.allocs += sum(1 for t in outs if _nbytes(t) >= 1 << 20)
+        name = name.rstrip("_")    # in-place variants (addmm_, baddbmm_) count as their op
         if name in _GEMM:
             if name in ("mm", "addmm", "matmul") and outs:
                 # mm(a, b) / matmul(a, b): k = a's last dim; addmm(c, a, b): k = a's last dim
