@@ -167,7 +167,8 @@ class Runtime:
 
     def activate(self, patcher, prompt: Union[str, Sequence[NetworkRequest]], steps: int, *,
                  hires: bool = False, mode: str = "merge", step: int = 1) -> Activation:
-        """Parse (if given a prompt), resolve, load, bind and apply; never raises for a tag's problem."""
+        """Parse (if given a prompt), resolve, load, bind and apply; never raises for a tag's problem.
+        Every warning is logged once here and listed in `Activation.warnings`."""
         if isinstance(prompt, str):
             parsed = parse_prompt(prompt, presets=self.presets)
             act = Activation(prompt=parsed.prompt, requests=list(parsed.requests), warnings=list(parsed.warnings))
@@ -185,7 +186,6 @@ class Runtime:
                 report = patcher.prepare(net)
             except LycorisError as e:
                 act.warnings.append(f"<{req.kind}:{req.name}> skipped: {e}")
-                log.warning("<%s:%s> skipped: %s", req.kind, req.name, e)
                 continue
             act.warnings += [f"<{req.kind}:{req.name}> {w}" for w in report.warnings()]
             items.append((net, req, mode))
@@ -193,4 +193,6 @@ class Runtime:
         act.stats = patcher.apply(items, step=step, total=steps, hires=hires, load_s=load_s)
         act.hashes = [(req.name, h) for req, net in act.used if (h := self.short_hash(net.path))]
         act.te_segments = te_segments(act.requests, steps, hires)
+        for w in act.warnings:     # logged here, once; hosts show them (UI, infotext) without logging again
+            log.warning("%s", w)
         return act

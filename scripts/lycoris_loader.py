@@ -216,7 +216,7 @@ class ExtraNetworkLycoris(extra_networks.ExtraNetwork):
             act.warnings[:0] = parsed.warnings
             host.activation, host.steps, host.hires = act, steps, hires
             host.processing = p
-        for w in act.warnings:
+        for w in parsed.warnings:   # the tag parse is ours; the engine logged its own warnings
             log.warning("%s", w)
         if act.requests:
             _write_infotext(p, act, hires)

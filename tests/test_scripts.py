@@ -271,3 +271,13 @@ def test_forge_text_encoders_found(glue, names, expected):
     assert comps["te1"] is towers[names[0]].transformer
     if "te2" in expected:
         assert comps["te2"] is towers["clip_g"].transformer
+
+
+def test_each_warning_logged_once(glue, caplog):
+    """A missing network and a bad item: one log line each (the infotext and UI also carry them once)."""
+    import logging
+    net = glue.mod.EXTRA_NETWORK
+    with caplog.at_level(logging.WARNING, logger="lycoris"):
+        net.activate(_p(glue.shared), _params(glue.en, "<lora:nothere:1> <lora:ink:1:bogus=3>"))
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("nothere" in m for m in lines) == 1 and sum("bogus" in m for m in lines) == 1, lines
