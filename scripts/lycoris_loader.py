@@ -47,6 +47,11 @@ def _opt(name: str, default):
     return getattr(shared.opts, name, default) if getattr(shared, "opts", None) is not None else default
 
 
+def _keep_backups() -> Optional[bool]:
+    """Patcher.keep_backups from the setting: on = the engine's default (kept where in host memory)."""
+    return None if _opt("lycoris_keep_backups", True) else False
+
+
 # --------------------------------------------------------------------------------------------------
 # Host model -> engine components
 
@@ -143,8 +148,7 @@ class Host:
     # --- the patcher of the loaded model --------------------------------------------------------
     def patcher(self, sd_model) -> Patcher:
         if self._patcher is None or self._patcher_model is not sd_model:
-            keep = None if _opt("lycoris_keep_backups", True) else False
-            self._patcher = Patcher.from_components(model_components(sd_model), keep_backups=keep)
+            self._patcher = Patcher.from_components(model_components(sd_model), keep_backups=_keep_backups())
             self._patcher_model = sd_model
             log.info("patcher ready for %s (%s)", type(sd_model).__name__, self._patcher.modelmap.arch)
         return self._patcher
@@ -161,9 +165,8 @@ class Host:
         """The setting went off: free the kept backups now; either way it holds for the next apply."""
         with self.lock:
             if self._patcher is not None:
-                keep = _opt("lycoris_keep_backups", True)
-                self._patcher.keep_backups = None if keep else False
-                if not keep:
+                self._patcher.keep_backups = _keep_backups()
+                if self._patcher.keep_backups is False:
                     log.info("freed %d MB of kept weight backups", self._patcher.release_backups() >> 20)
 
     def restore(self) -> None:
