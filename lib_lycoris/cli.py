@@ -1,7 +1,8 @@
 """Command line: `python -m lib_lycoris {inspect,merge,schedule} ...`.
 
     inspect FILE [--json]                              what a network file holds
-    merge MODEL NETWORK[:MULT] ... -o OUT [--device D]  bake networks into a checkpoint
+    merge MODEL NETWORK[:MULT] ... -o OUT [--device D] [--allow-partial]
+                                                       bake networks into a checkpoint
     schedule "PROMPT" --steps N [--hires-steps M] [--json]  what the tags do at every step
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
 from . import schedule_cli
-from .errors import LycorisError
+from .errors import LycorisError, PartialMergeError
 from .inspect import describe
 from .network import load_network
 from .patcher import Strength
@@ -72,30 +73,37 @@ def _progress(err: TextIO) -> callable:
 
 
 def _merge(args: argparse.Namespace, out: TextIO) -> int:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from .merge import merge_state_dict
-    model = Path(args.model)
-    if model.suffix.lower() != ".safetensors":
-        raise LycorisError("MODEL must be a .safetensors state dict", file=str(model))
-    sd = {}
-    with safe_open(str(model), framework="pt") as f:
-        metadata = f.metadata() or {}
-        for k in f.keys():
-            sd[k] = f.get_tensor(k)
-    pairs = []
-    for spec in args.networks:
-        path, mult = _split_network_arg(spec)
-        pairs.append((load_network(path), Strength(mult, name=Path(path).stem)))
-    reports = merge_state_dict(sd, pairs, device=args.device, progress=_progress(sys.stderr))
-    for r in reports:
-        out.write(r.summary() + "\n")
-        for label, reason in (r.unmatched + r.skipped)[:20]:
-            out.write(f"  {label}: {reason}\n")
-    metadata = dict(metadata)
-    metadata["lycoris_merged"] = json.dumps([{"file": str(n.path), "multiplier": s.te} for n, s in pairs])
-    save_file(sd, str(args.output), metadata=metadata)
+    """Bake the networks into the model; strict unless --allow-partial (see `merge.bind_networks`)."""
+    from .merge import CheckpointWriter, bind_networks, checkpoint_shapes, merge_state_dict, read_checkpoint
+    from .modelmap import ModelMap
+    strict = not args.allow_partial
+    shapes = checkpoint_shapes(args.model)           # a bad model file fails here, before any work
+    with CheckpointWriter(args.output) as writer:   # so does an unwritable output; nothing is left on error
+        pairs = []
+        for spec in args.networks:
+            path, mult = _split_network_arg(spec)
+            pairs.append((load_network(path), Strength(mult, name=Path(path).stem)))
+        try:
+            if strict:   # refuse from the header's shapes, before the checkpoint's tensors are read
+                bind_networks(ModelMap.from_state_dict(shapes), pairs, strict=True)
+            sd, metadata = read_checkpoint(args.model)
+            reports = merge_state_dict(sd, pairs, device=args.device, progress=_progress(sys.stderr),
+                                       strict=strict)
+        except PartialMergeError as e:
+            raise PartialMergeError(f"merge refused, nothing written: {e.message}\n(--allow-partial merges "
+                                    "the modules that fit and lists the ones it leaves out)",
+                                    problems=e.problems) from e
+        left_out = 0
+        for r in reports:
+            out.write(r.summary() + "\n")
+            left_out += len(r.unmatched) + len(r.skipped)
+            if r.unknown_keys:
+                out.write(f"  unknown keys (not merged): {', '.join(r.unknown_keys[:10])}"
+                          + ("…" if len(r.unknown_keys) > 10 else "") + "\n")
+        if left_out:
+            out.write(f"--allow-partial: {left_out} module(s) left out, each in a 'not merged' warning\n")
+        metadata["lycoris_merged"] = json.dumps([{"file": str(n.path), "multiplier": s.te} for n, s in pairs])
+        writer.write(sd, metadata)
     out.write(f"wrote {args.output}\n")
     return 0
 
@@ -113,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     mer.add_argument("networks", nargs="+", metavar="NETWORK[:MULT]")
     mer.add_argument("-o", "--output", required=True)
     mer.add_argument("--device", default=None, help="where deltas are computed (default: cuda if available)")
+    mer.add_argument("--allow-partial", action="store_true",
+                     help="merge even when some modules cannot be: those the model lacks and those whose delta "
+                          "does not fit the weight are left out and each is logged. Default: refuse, naming "
+                          "them, and write nothing. A network none of whose modules fit is refused either "
+                          "way; file keys that belong to no module (e.g. bundled embeddings) are listed, "
+                          "never merged, and never refuse a merge")
     mer.set_defaults(func=_merge)
     schedule_cli.add_parser(sub)
     return p

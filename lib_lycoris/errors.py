@@ -73,3 +73,18 @@ class TagError(LycorisError):
 
 class NameResolutionError(TagError):
     """A network name resolves to no file, or to a path outside the networks folder."""
+
+
+class CheckpointFileError(LycorisError):
+    """A model checkpoint cannot be read (missing, a folder, not safetensors, truncated, bad header) or the
+    merged checkpoint cannot be written (folder missing, not writable, disk full)."""
+
+
+class PartialMergeError(LycorisError):
+    """A strict merge refused: some modules would not be merged (the model lacks them, or their delta does not
+    fit the weight). `problems` holds one (network file, module, reason) per such module."""
+
+    def __init__(self, message: str, *, file: Optional[str] = None, key: Optional[str] = None,
+                 problems: Sequence[tuple] = ()) -> None:
+        self.problems = tuple(problems)
+        super().__init__(message, file=file, key=key)

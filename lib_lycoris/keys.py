@@ -2,17 +2,25 @@
 
 Every tensor key of a network file is split into (component, body, suffix):
 
-- component: 'unet', 'te1' or 'te2' (SD1/SD2's single text encoder is 'te1');
+- component: 'unet' (the denoiser: UNet, SD3 MMDiT or Flux transformer), 'te1', 'te2' or 'te3'
+  (SD1/SD2's single text encoder is 'te1'; CLIP-L 'te1', CLIP-G 'te2', T5-XXL always 'te3', as kohya
+  names them for SD3 and Flux);
 - body: the module path inside that component with '.' replaced by '_' (kohya's own spelling, so
   kohya, LyCORIS, diffusers, PEFT and ComfyUI keys of one module meet in one body);
 - suffix: the canonical tensor name (`lora_down.weight`, `hada_w1_a`, `alpha`, ...).
 
 Key styles read (research lycoris_formats.md §1, §5):
-  kohya / LyCORIS  `lora_unet_<path>`, `lora_te_`, `lora_te1_`, `lora_te2_`, generic `lycoris_<path>`
-  diffusers/PEFT   `unet.<path>`, `text_encoder.<path>`, `text_encoder_2.<path>`, `base_model.model.<path>`
+  kohya / LyCORIS  `lora_unet_<path>`, `lora_te_`, `lora_te1_`, `lora_te2_`, `lora_te3_`, generic `lycoris_<path>`,
+                   OneTrainer `lora_transformer_<diffusers path>`
+  diffusers/PEFT   `unet.<path>`, `transformer.<path>`, `text_encoder(_2|_3).<path>`, `base_model.model.<path>`
                    with `lora_A/lora_B`, `.lora.down/.lora.up`, `lora_linear_layer.down/up`,
                    `lora_magnitude_vector`, and the old attention-processor `…processor.to_q_lora.down`
-  ComfyUI          `diffusion_model.<path>`, `model.diffusion_model.<path>`
+  ComfyUI          `diffusion_model.<path>`, `model.diffusion_model.<path>`, `text_encoders.{clip_l,clip_g,t5xxl}.`
+  XLabs (Flux)     `double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight` (1 = image, 2 = text
+                   stream), `single_blocks.N.processor.{qkv,proj}_lora.{down,up}.weight`
+
+A T5 module path (`encoder.block.N…`, `shared`) is 'te3' whatever the prefix says (diffusers' Flux
+pipeline calls T5 `text_encoder_2`).
 """
 from __future__ import annotations
 
@@ -45,17 +53,25 @@ _BY_LENGTH = sorted(SUFFIXES, key=len, reverse=True)
 
 # Underscore prefixes (kohya): order matters, longest first.
 _UNDERSCORE_PREFIXES = (
-    ("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"),
-    ("lycoris_", "unet"),
+    ("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te3_", "te3"), ("lora_te_", "te1"),
+    ("lora_transformer_", "unet"), ("lycoris_", "unet"),
 )
 # Dotted prefixes (diffusers, PEFT, ComfyUI).
 _DOTTED_PREFIXES = (
-    ("text_encoder_2.", "te2"), ("text_encoder.", "te1"), ("unet.", "unet"),
-    ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"),
+    ("text_encoder_3.", "te3"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1"), ("unet.", "unet"),
+    ("transformer.", "unet"), ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"),
+    ("text_encoders.clip_l.transformer.", "te1"), ("text_encoders.clip_g.transformer.", "te2"),
+    ("text_encoders.t5xxl.transformer.", "te3"), ("text_encoders.clip_l.", "te1"),
+    ("text_encoders.clip_g.", "te2"), ("text_encoders.t5xxl.", "te3"),
     ("base_model.model.", None),   # PEFT: the component is told by what follows
 )
 # Old diffusers attention processors: `<attn>.processor.to_q_lora.down.weight`.
 _ATTN_PROC = re.compile(r"^(?P<attn>.*)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<ud>down|up)\.weight$")
+# XLabs Flux LoRAs: processors on the BFL blocks (research families_lowbit_export.md, "Flux LoRA key styles").
+_XLABS = re.compile(r"^(?P<pre>(?:.*\.)?)(?P<kind>double|single)_blocks\.(?P<n>\d+)\.processor\."
+                    r"(?P<proj>qkv|proj)_lora(?P<stream>[12]?)\.(?P<ud>down|up)\.weight$")
+# T5 module paths (HF T5EncoderModel): always the third text encoder.
+_T5_PATH = re.compile(r"^(?:encoder\.block\.|encoder\.final_layer_norm|shared\b)")
 
 # Keys that belong to no module and are reported as such (bundled textual-inversion embeddings).
 _BUNDLE = "bundle_emb."
@@ -63,7 +79,7 @@ _BUNDLE = "bundle_emb."
 
 @dataclass(frozen=True)
 class KeyParts:
-    component: str   # 'unet' | 'te1' | 'te2'
+    component: str   # 'unet' | 'te1' | 'te2' | 'te3'
     body: str        # module path with '_' for '.'
     suffix: str      # canonical suffix
     path: str = ""   # the module path as the key spells it, prefixes removed (PEFT patterns match this)
@@ -82,15 +98,30 @@ def _split_suffix(key: str) -> Optional[tuple]:
 
 def _guess_component(path: str) -> str:
     """Component of a prefix-less dotted path (PEFT `base_model.model.` or no prefix at all)."""
+    if _T5_PATH.match(path):
+        return "te3"
     if path.startswith(("text_model.", "encoder.layers.", "transformer.resblocks.")):
         return "te1"
     return "unet"
+
+
+def _xlabs(m: "re.Match") -> str:
+    """An XLabs processor key in BFL names: qkv_lora1 -> img_attn.qkv, proj_lora2 -> txt_attn.proj; single
+    blocks: qkv -> the q/k/v rows of linear1 (`linear1_qkv`), proj -> linear2."""
+    if m["kind"] == "double":
+        module = f"double_blocks.{m['n']}.{'txt' if m['stream'] == '2' else 'img'}_attn.{m['proj']}"
+    else:
+        module = f"single_blocks.{m['n']}.{'linear1_qkv' if m['proj'] == 'qkv' else 'linear2'}"
+    return f"{m['pre']}{module}.lora_{m['ud']}.weight"
 
 
 def parse_key(key: str) -> Optional[KeyParts]:
     """Split one file key; None when it is no module tensor we know (the caller reports it)."""
     if key.startswith(_BUNDLE):
         return None
+    m = _XLABS.match(key)
+    if m:
+        key = _xlabs(m)
     m = _ATTN_PROC.match(key)
     if m:
         proj = m["proj"] + (".0" if m["proj"] == "to_out" else "")
@@ -102,7 +133,10 @@ def parse_key(key: str) -> Optional[KeyParts]:
     if "." not in module:   # kohya style: everything before the first '.' is the module name
         for prefix, comp in _UNDERSCORE_PREFIXES:
             if module.startswith(prefix) and len(module) > len(prefix):
-                return KeyParts(comp, module[len(prefix):], suffix, module[len(prefix):])
+                body = module[len(prefix):]
+                if comp in ("te1", "te2") and body.startswith("encoder_block_"):
+                    comp = "te3"   # a T5 body under another prefix
+                return KeyParts(comp, body, suffix, body)
         return None
     for prefix, comp in _DOTTED_PREFIXES:
         if module.startswith(prefix):
@@ -111,6 +145,8 @@ def parse_key(key: str) -> Optional[KeyParts]:
                 comp = _guess_component(path)
             if path.startswith("base_model.model."):
                 path = path[len("base_model.model."):]
+            if comp in ("te1", "te2") and _T5_PATH.match(path):
+                comp = "te3"
             return KeyParts(comp, path.replace(".", "_"), suffix, path) if path else None
-    # A dotted key with no known prefix (e.g. a bare PEFT state dict of one sub-model).
+    # A dotted key with no known prefix (e.g. a bare PEFT state dict of one sub-model, an XLabs file).
     return KeyParts(_guess_component(module), module.replace(".", "_"), suffix, module)

@@ -9,10 +9,18 @@ hosts load (research syntax_features.md §3.3, lycoris_formats.md §1):
   (SD2, OpenCLIP), `conditioner.embedders.0.transformer.*` + `conditioner.embedders.1.model.*` (SDXL);
 - diffusers pipelines: `unet.*`, `text_encoder.*`, `text_encoder_2.*`;
 
+- SD3 (A1111 1.10): `model.diffusion_model.joint_blocks.*` (SAI MMDiT), text encoders
+  `text_encoders.{clip_l,clip_g,t5xxl}.transformer.*`; diffusers `transformer.*`, `text_encoder_3.*`;
+- Flux.1: BFL `double_blocks.*`/`single_blocks.*` bare or under `model.diffusion_model.`, `text_encoders.
+  {clip_l,t5xxl}.`; diffusers `transformer.*` (T5 as `text_encoder_2.*`: 'te3' here, as kohya names it);
+
 or on component roots a host hands over directly (`from_components`). Every UNet module answers to
 its LDM/SGM name and to its diffusers name (the kohya SD1 files use one, the SDXL ones the other);
 every text-encoder module to its HF name with and without `text_model_`; an OpenCLIP
-`attn.in_proj_weight` is three targets, the q/k/v row thirds.
+`attn.in_proj_weight` is three targets, the q/k/v row thirds. A transformer denoiser's modules answer
+to their original and diffusers names (`dit`): a split diffusers module (`to_q`) is a row slice of the
+fused original weight (`qkv`), an adaLN weight whose halves diffusers orders the other way is a `swap`
+target, and in a diffusers-layout model a fused original name is a group of split weights (`groups`).
 """
 from __future__ import annotations
 
@@ -22,11 +30,16 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
+from . import dit
+
 Tensor = torch.Tensor
 
 # Where each component lives in a whole-model state dict / module tree (order: first match wins).
 ROOTS: tuple = (
     ("model.diffusion_model.", "unet"),
+    ("text_encoders.clip_l.transformer.", "te1"),
+    ("text_encoders.clip_g.transformer.", "te2"),
+    ("text_encoders.t5xxl.transformer.", "te3"),
     ("conditioner.embedders.0.transformer.", "te1"),
     ("conditioner.embedders.1.model.", "te2"),
     ("cond_stage_model.transformer.", "te1"),
@@ -34,11 +47,15 @@ ROOTS: tuple = (
     ("unet.", "unet"),
     ("text_encoder.", "te1"),
     ("text_encoder_2.", "te2"),
+    ("text_encoder_3.", "te3"),
+    ("transformer.", "unet"),
 )
 
 # Names that tell a bare UNet / text encoder (a host handing over one component as the model).
-_BARE_UNET = ("conv_in.", "down_blocks.", "input_blocks.", "time_embed.", "time_embedding.")
+_BARE_UNET = ("conv_in.", "down_blocks.", "input_blocks.", "time_embed.", "time_embedding.", "joint_blocks.",
+              "double_blocks.", "single_blocks.", "transformer_blocks.", "x_embedder.", "img_in.")
 _BARE_TEXT = ("text_model.", "encoder.layers.", "transformer.resblocks.")
+_T5 = ("encoder.block.", "shared.")
 
 _RESNET_LDM_TO_DIFF = {
     "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -67,12 +84,32 @@ class Target:
     bias: Optional[str]
     rows: Optional[tuple]
     shape: tuple
-    ldm_path: Optional[str]     # UNet: the LDM/SGM module path inside the UNet (block lookup)
+    ldm_path: Optional[str]     # UNet: the LDM/SGM module path inside the UNet (block lookup); DiT: original path
     name: str                   # canonical kohya-style name, e.g. 'lora_unet_down_blocks_0_...'
+    weight_shape: tuple = ()    # the whole parameter's shape (shape is the slice's)
+    swap: bool = False          # the file's rows are the weight's two halves in the other order
 
     @property
     def kind(self) -> str:
         return {4: "conv", 2: "linear", 1: "norm"}.get(len(self.shape), "other")
+
+    @property
+    def label(self) -> str:
+        """The weight, with its rows where the target is a slice (reports)."""
+        if self.rows is not None:
+            return f"{self.weight}[{self.rows[0]}:{self.rows[1]}]"
+        return self.weight + (" (halves swapped)" if self.swap else "")
+
+    def placement(self) -> Optional[tuple]:
+        """(rows of the whole weight, ((dst, src, n), ...)): where the file module's ΔW rows land; None when
+        the module is the whole weight as it is."""
+        total = self.weight_shape[0] if self.weight_shape else self.shape[0]
+        if self.rows is not None:
+            return total, ((self.rows[0], 0, self.rows[1] - self.rows[0]),)
+        if self.swap:
+            h = total // 2
+            return total, ((h, 0, h), (0, h, total - h))
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +192,7 @@ def _underscore(path: str) -> str:
     return path.replace(".", "_")
 
 
-_PREFIX_OF = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
+_PREFIX_OF = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_", "te3": "lora_te3_"}
 
 
 class ModelMap:
@@ -166,8 +203,12 @@ class ModelMap:
         self.roots = dict(roots)
         self.targets: list = []
         self._alias: dict = {}
+        self._groups: dict = {}     # (component, body) -> ((Target, (start, stop) rows of the file module), ...)
         self.styles: dict = {}
         self.unet_layout: Optional[UNetLayout] = None
+        self.family: Optional[str] = None   # 'sd3' | 'flux' for a transformer denoiser
+        self.depth: int = 0                 # its number of double-stream (SD3 joint) blocks
+        self.singles: int = 0               # Flux: its number of single-stream blocks
         by_comp: dict = {c: {} for c in roots}
         for name, shape in shapes.items():
             for comp, prefix in roots.items():
@@ -188,11 +229,15 @@ class ModelMap:
         shapes = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in sd.items()}
         roots = {}
         for prefix, comp in ROOTS:
-            if comp not in roots and any(k.startswith(prefix) for k in shapes):
+            if comp not in roots and prefix not in roots.values() and any(k.startswith(prefix) for k in shapes):
+                if comp == "te2" and "te3" not in roots and any(k.startswith(tuple(prefix + t for t in _T5)) for k in shapes):
+                    comp = "te3"   # diffusers' Flux pipeline: text_encoder_2 is T5
                 roots[comp] = prefix
-        if not roots:   # a bare component: a UNet or a text encoder on its own
+        if not roots:   # a bare component: a UNet/transformer or a text encoder on its own
             if any(k.startswith(_BARE_UNET) for k in shapes):
                 roots["unet"] = ""
+            elif any(k.startswith(_T5) for k in shapes):
+                roots["te3"] = ""
             elif any(k.startswith(_BARE_TEXT) for k in shapes):
                 roots["te1"] = ""
         return cls(shapes, roots)
@@ -212,21 +257,28 @@ class ModelMap:
 
     def _add(self, comp: str, prefix: str, module: str, params: Mapping[str, tuple], aliases: Iterable[str],
              ldm_path: Optional[str], canonical: str, weight_param: str = "weight",
-             bias_param: str = "bias", rows: Optional[tuple] = None) -> None:
-        shape = params[f"{module}.{weight_param}" if module else weight_param]
-        if rows is not None:
-            shape = (rows[1] - rows[0],) + tuple(shape[1:])
+             bias_param: str = "bias", rows: Optional[tuple] = None, swap: bool = False,
+             primary: bool = True) -> Target:
+        full = tuple(params[f"{module}.{weight_param}" if module else weight_param])
+        shape = full if rows is None else (rows[1] - rows[0],) + full[1:]
         bias_name = f"{module}.{bias_param}" if module else bias_param
         t = Target(component=comp, module=prefix + module,
                    weight=prefix + (f"{module}.{weight_param}" if module else weight_param),
                    bias=prefix + bias_name if bias_name in params else None, rows=rows, shape=tuple(shape),
-                   ldm_path=ldm_path, name=_PREFIX_OF[comp] + _underscore(canonical))
-        self.targets.append(t)
+                   ldm_path=ldm_path, name=_PREFIX_OF[comp] + _underscore(canonical), weight_shape=full,
+                   swap=swap)
+        if primary:   # `targets` lists each weight once (a slice or swapped view of a listed weight is not)
+            self.targets.append(t)
         for a in aliases:
             self._alias.setdefault((comp, _underscore(a)), t)
+        return t
 
     def _index_unet(self, prefix: str, params: Mapping[str, tuple]) -> None:
         modules = [n[: -len(".weight")] for n in params if n.endswith(".weight")]
+        family = dit.family_of(modules)
+        if family is not None:
+            self._index_dit(family, prefix, params, modules)
+            return
         layout = UNetLayout.from_paths(modules)
         self.unet_layout = layout
         ldm_style = any(m.startswith("input_blocks.") for m in modules)
@@ -240,6 +292,36 @@ class ModelMap:
                 ldm, diff = layout.to_ldm(m), m
             aliases = [a for a in (m, ldm, diff) if a]
             self._add("unet", prefix, m, params, aliases, ldm, diff or m)
+
+    def _index_dit(self, family: str, prefix: str, params: Mapping[str, tuple], modules: list) -> None:
+        """A transformer denoiser in either layout (see `dit`)."""
+        self.family = family
+        native = dit.is_native(modules)
+        self.styles["unet"] = "native" if native else "diffusers"
+        def count(key: str) -> int:
+            found = [int(m[1]) for m in (re.match(rf"^{key}\.(\d+)\.", p) for p in modules) if m]
+            return max(found) + 1 if found else 0
+        self.depth = count(r"(?:joint_blocks|double_blocks)" if native else r"transformer_blocks")
+        self.singles = count(r"single_blocks" if native else r"single_transformer_blocks")
+        fused: dict = {}   # diffusers layout: native fused path -> [(part index, Target)]
+        for e in dit.expand(family, {m: params[m + ".weight"] for m in modules}):
+            self._add("unet", prefix, e.module, params, (e.module, *e.aliases), e.native, e.native)
+            for a in e.swap_aliases:
+                self._add("unet", prefix, e.module, params, (a,), e.native, e.native, swap=True, primary=False)
+            for name, rows in e.parts:
+                self._add("unet", prefix, e.module, params, (name,), e.native, name, rows=rows, primary=False)
+            if e.of is not None:
+                native_path, index, kind = e.of
+                t = self._alias[("unet", _underscore(e.module))]
+                fused.setdefault(native_path, []).append((index, t))
+                if kind == "linear1" and index < 3:
+                    fused.setdefault(native_path + "_qkv", []).append((index, t))
+        for native_path, parts in fused.items():
+            start, group = 0, []
+            for _, t in sorted(parts, key=lambda p: p[0]):
+                group.append((t, (start, start + t.shape[0])))
+                start += t.shape[0]
+            self._groups[("unet", _underscore(native_path))] = tuple(group)
 
     def _index_text(self, comp: str, prefix: str, params: Mapping[str, tuple]) -> None:
         openclip = any(n.startswith("transformer.resblocks.") for n in params)
@@ -260,6 +342,9 @@ class ModelMap:
             if not name.endswith(".weight"):
                 continue
             module = name[: -len(".weight")]
+            if module.startswith(_T5) or module == "shared":   # T5: HF names as they are
+                self._add(comp, prefix, module, params, (module,), None, module)
+                continue
             if openclip:
                 hf = self._openclip_to_hf(module)
                 aliases = [module] + ([hf, "text_model." + hf] if hf else [])
@@ -279,6 +364,10 @@ class ModelMap:
         return _OPENCLIP_TOP.get(module)
 
     def _detect_arch(self, by_comp: Mapping[str, Mapping[str, tuple]]) -> str:
+        if self.family is not None:
+            return self.family
+        if "te3" in by_comp:   # text encoders alone: T5 comes with SD3 (beside CLIP-G) or Flux
+            return "sd3" if "te2" in by_comp else "flux"
         layout = self.unet_layout
         if layout is not None:
             if layout.levels == 3:
@@ -298,6 +387,11 @@ class ModelMap:
     def lookup(self, component: str, body: str) -> Optional[Target]:
         """The target a file module (component, underscore body) names, or None."""
         return self._alias.get((component, body))   # text encoders are indexed with and without `text_model_`
+
+    def lookup_group(self, component: str, body: str) -> Optional[tuple]:
+        """In a diffusers-layout transformer: the split weights a fused original name covers, as
+        ((Target, (start, stop) rows of the file module), ...); None elsewhere."""
+        return self._groups.get((component, body))
 
     @property
     def components(self) -> tuple:

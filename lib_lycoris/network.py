@@ -14,7 +14,7 @@ import logging
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -54,10 +54,26 @@ class NetworkModule:
     def algo(self) -> str:
         return self.adapter.algo + ("+dora" if self.dora_scale is not None else "")
 
-    def contribution(self, dyn: Optional[int] = None) -> Contribution:
+    def contribution(self, dyn: Optional[int] = None, place: Optional[tuple] = None) -> Contribution:
+        """The merge-rule input for one target; place: `Target.placement()` (rows of the whole weight)."""
         adapter = self.adapter.sliced(dyn) if isinstance(self.adapter, LoRA) else self.adapter
         return Contribution(adapter=adapter, scale=self.scale, dora_scale=self.dora_scale,
-                            bias_delta=self.bias_delta if self.bias_delta is not None else adapter.bias_delta())
+                            bias_delta=self.bias_delta if self.bias_delta is not None else adapter.bias_delta(),
+                            place=place)
+
+    def rows(self, start: int, stop: int) -> Optional["NetworkModule"]:
+        """This module restricted to ΔW rows [start, stop) (a fused weight split apart), or None where the
+        type cannot be restricted exactly (`Adapter.rows`) or DoRA normalises across rows (input axis)."""
+        adapter = self.adapter.rows(start, stop)
+        if adapter is None:
+            return None
+        dora = self.dora_scale
+        if dora is not None:
+            if dora.shape[0] != self.adapter.out_features():
+                return None
+            dora = dora[start:stop]
+        bias = self.bias_delta[start:stop] if self.bias_delta is not None else None
+        return replace(self, adapter=adapter, dora_scale=dora, bias_delta=bias)
 
 
 @dataclass
@@ -339,6 +355,37 @@ class Binding:
     report: LoadReport
 
 
+def _misfit(mod: NetworkModule, t: Target) -> Optional[str]:
+    """Why a module's delta cannot land on a target (None: it fits)."""
+    if not mod.adapter.fits(t.shape):
+        return f"delta of {mod.algo} does not fit weight {t.label} {t.shape}"
+    bias = mod.bias_delta if mod.bias_delta is not None else mod.adapter.bias_delta()
+    if bias is not None and (t.bias is None or bias.numel() != t.shape[0]):
+        return f"bias delta {tuple(bias.shape)} has no matching bias in {t.module}"
+    if mod.dora_scale is not None and mod.dora_scale.numel() not in (t.shape[0], t.shape[1] if len(t.shape) > 1 else -1):
+        return f"dora_scale {tuple(mod.dora_scale.shape)} does not fit {t.shape}"
+    return None
+
+
+def _split(mod: NetworkModule, group: tuple) -> tuple:
+    """A module on a fused original weight (`qkv`, `linear1`) onto the split weights of a diffusers-layout
+    model: ([(Target, row-sliced module), ...], None), or ([], reason) where the type's ΔW rows cannot be
+    taken apart (see `Adapter.rows`)."""
+    total = group[-1][1][1]
+    if mod.adapter.out_features() != total:
+        return [], (f"delta of {mod.algo} has {mod.adapter.out_features()} rows; the split weights "
+                    f"{', '.join(t.module for t, _ in group)} have {total}")
+    parts = []
+    for t, (start, stop) in group:
+        part = mod.rows(start, stop)
+        if part is None:
+            return [], (f"a {mod.algo} module on a fused weight cannot be split onto the separate weights "
+                        f"{', '.join(t.module for t, _ in group)} of this diffusers-layout model "
+                        "(its ΔW rows do not factor apart); use the model's original single-file layout")
+        parts.append((t, part))
+    return parts, None
+
+
 def bind(network: Network, model: ModelMap, *, components: Optional[set] = None) -> Binding:
     """Match every module of `network` to a target of `model`, checking shapes.
 
@@ -356,20 +403,23 @@ def bind(network: Network, model: ModelMap, *, components: Optional[set] = None)
             continue
         t: Optional[Target] = model.lookup(comp, body)
         if t is None:
-            report.unmatched.append((label, "no such module in the model"))
-            continue
-        if not mod.adapter.fits(t.shape):
-            report.skipped.append((label, f"delta of {mod.algo} does not fit weight {t.weight} {t.shape}"))
-            continue
-        bias = mod.bias_delta if mod.bias_delta is not None else mod.adapter.bias_delta()
-        if bias is not None and (t.bias is None or bias.numel() != t.shape[0]):
-            report.skipped.append((label, f"bias delta {tuple(bias.shape)} has no matching bias in {t.module}"))
-            continue
-        if mod.dora_scale is not None and mod.dora_scale.numel() not in (t.shape[0], t.shape[1] if len(t.shape) > 1 else -1):
-            report.skipped.append((label, f"dora_scale {tuple(mod.dora_scale.shape)} does not fit {t.shape}"))
-            continue
-        pairs.append((t, mod))
-        report.matched.append((label, t.weight if t.rows is None else f"{t.weight}[{t.rows[0]}:{t.rows[1]}]"))
+            group = model.lookup_group(comp, body)
+            if group is None:
+                report.unmatched.append((label, "no such module in the model"))
+                continue
+            parts, reason = _split(mod, group)
+            if reason:
+                report.skipped.append((label, reason))
+                continue
+        else:
+            parts = [(t, mod)]
+        for t, part in parts:
+            reason = _misfit(part, t)
+            if reason:
+                report.skipped.append((label, reason))
+                continue
+            pairs.append((t, part))
+            report.matched.append((label, t.label))
     if not pairs:
         raise ModelMismatchError(
             f"no module of this network fits the loaded {model.arch} model "

@@ -41,13 +41,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .blocks import BlockMapError, block_id
+from .blocks import ARCHS, BlockMapError, block_id
 from .compose import merged_bias
 from .modelmap import ModelMap, Target
 from .network import Binding, LoadReport, Network, bind
@@ -97,30 +97,26 @@ class _Active:
 
 @dataclass
 class _Slot:
-    target: Target
+    target: Target             # the whole weight (a row slice or swapped view of it is a contribution's `place`)
     param: Tensor              # the live full parameter (its .data is written)
     bias_param: Optional[Tensor]
     group: tuple               # (component, block) for multiplier lookup
     backup: Optional[Tensor] = None            # a copy of the original bits
     bias_backup: Optional[Tensor] = None
-    contribs: dict = field(default_factory=dict)    # active key -> Contribution
-    applied: tuple = ()        # ((key, m), ...) now in the weight (merge mode)
-    factors: dict = field(default_factory=dict)     # (key, device, dtype) -> LoRA (up, down) or None
+    contribs: dict = field(default_factory=dict)    # (active key, module body) -> Contribution
+    applied: tuple = ()        # (((key, body), m), ...) now in the weight (merge mode)
+    factors: dict = field(default_factory=dict)     # ((key, body), device, dtype) -> LoRA (up, down) or None
 
     def forget(self, key: tuple) -> None:
-        """Drop a network's contribution and its cached factors."""
-        self.contribs.pop(key, None)
-        self.factors = {k: v for k, v in self.factors.items() if k[0] != key}
+        """Drop a network's contributions (every module of it on this weight) and their cached factors."""
+        self.contribs = {k: c for k, c in self.contribs.items() if k[0] != key}
+        self.factors = {k: v for k, v in self.factors.items() if k[0][0] != key}
 
     def view(self) -> Tensor:
-        w = self.param.data
-        return w if self.target.rows is None else w[self.target.rows[0]:self.target.rows[1]]
+        return self.param.data
 
     def bias_view(self) -> Optional[Tensor]:
-        if self.bias_param is None:
-            return None
-        b = self.bias_param.data
-        return b if self.target.rows is None else b[self.target.rows[0]:self.target.rows[1]]
+        return None if self.bias_param is None else self.bias_param.data
 
 
 @dataclass
@@ -198,9 +194,9 @@ class Patcher:
         self._modules = dict(modules) if modules is not None else dict(model.named_modules())
         self._bindings: dict = {}          # id(network) -> Binding
         self._active: dict = {}            # key -> _Active
-        self._slots: dict = {}             # (weight name, rows) -> _Slot
+        self._slots: dict = {}             # weight name -> _Slot
         self._hooks: dict = {}             # module name -> _BypassHook
-        self._kept: dict = {}              # (weight name, rows) -> _Kept, backups kept after restore
+        self._kept: dict = {}              # weight name -> _Kept, backups kept after restore
         self._work: dict = {}              # device -> two flat float32 scratch buffers
         self.keep_backups = keep_backups
         self.step = 1
@@ -314,19 +310,22 @@ class Patcher:
             self._active[key] = act
             if old is not None:
                 continue
-            for target, mod in act.binding.pairs:
-                slot = self._slot(target)
+            for slot in self._slots.values():
                 slot.forget(key)
-                slot.contribs[key] = mod.contribution(act.request.dyn)
+            for target, mod in act.binding.pairs:
+                self._slot(target).contribs[(key, mod.body)] = mod.contribution(act.request.dyn, target.placement())
 
     def _slot(self, target: Target) -> _Slot:
-        k = (target.weight, target.rows)
+        """The slot of the whole weight `target` names (one per parameter, whatever rows a network covers)."""
+        k = target.weight
         slot = self._slots.get(k)
         if slot is None:
             param = self._params[target.weight]
             bias = self._params.get(target.bias) if target.bias else None
-            block = _block_of(target, self.modelmap.arch)
-            slot = _Slot(target=target, param=param, bias_param=bias, group=(target.component, block))
+            block = _block_of(target, self.modelmap)
+            whole = replace(target, rows=None, swap=False, shape=tuple(param.shape)) \
+                if target.rows is not None or target.swap else target
+            slot = _Slot(target=whole, param=param, bias_param=bias, group=(target.component, block))
             self._slots[k] = slot
         return slot
 
@@ -334,10 +333,11 @@ class Patcher:
         cache: dict = {}
 
         def m(key: tuple, group: tuple) -> float:
-            k = (key, group)
+            k = (key[0], group)
             v = cache.get(k)
             if v is None:
-                v = float(self._active[key].request.weight(group[0], group[1], self.step, self.total, self.hires))
+                v = float(self._active[key[0]].request.weight(group[0], group[1], self.step, self.total,
+                                                              self.hires))
                 cache[k] = v
             return v
         return m
@@ -349,7 +349,7 @@ class Patcher:
         for slot in self._slots.values():
             merge_items, bypass_items = [], []
             for key, c in slot.contribs.items():
-                act = self._active[key]
+                act = self._active[key[0]]
                 m = mult(key, slot.group)
                 if m == 0.0:
                     continue
@@ -380,9 +380,10 @@ class Patcher:
         return len(plan)
 
     def _can_bypass(self, slot: _Slot) -> bool:
-        """Forward hooks cover Linear and Conv2d; other weights (norms, OpenCLIP q/k/v rows) are merged."""
+        """Forward hooks cover Linear and Conv2d (a contribution on some rows adds zero to the others); other
+        weights (norms, OpenCLIP's fused in_proj) are merged."""
         module = self._modules.get(slot.target.module)
-        return slot.target.rows is None and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+        return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and module.weight is slot.param
 
     def _copy_out(self, t: Tensor) -> Tensor:
         """A backup copy of `t`: pinned host memory with backup='cpu' on an accelerator, else beside it."""
@@ -394,7 +395,7 @@ class Patcher:
         """Back up the weight on first write (a kept backup if still valid); the bias only once a network on
         the slot carries a bias delta."""
         if slot.backup is None:
-            kept = self._kept.pop((slot.target.weight, slot.target.rows), None)
+            kept = self._kept.pop(slot.target.weight, None)
             slot.backup = kept.backup if kept is not None and kept.valid(slot) else self._copy_out(slot.view())
         if slot.bias_backup is None and slot.bias_param is not None and \
                 any(c.bias_delta is not None for c in slot.contribs.values()):
@@ -413,7 +414,7 @@ class Patcher:
         if keep is None:
             keep = slot.backup.device.type == "cpu"
         if keep:
-            self._kept[(slot.target.weight, slot.target.rows)] = _Kept.of(slot)
+            self._kept[slot.target.weight] = _Kept.of(slot)
         slot.backup = slot.bias_backup = None
 
     def _factors(self, slot: _Slot, key: tuple, device: torch.device, dtype: torch.dtype) -> Optional[tuple]:
@@ -511,7 +512,7 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32",
     for c, m in other:
         pair = None
         if c.linear_in_strength:
-            pair = c.adapter.hadamard(base32, scratch(base.numel(), w.device) if scratch is not None else None)
+            pair = c.hadamard(base32, scratch(base.numel(), w.device) if scratch is not None else None)
         if pair is not None:                   # LoHa: the product fused into the add, ΔW never materialised
             if started:
                 acc.addcmul_(pair[0], pair[1], value=m * c.scale)
@@ -520,7 +521,7 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32",
                 started = True
             continue
         if c.linear_in_strength:
-            d, alpha = c.adapter.delta(base32), m * c.scale
+            d, alpha = c.delta(base32), m * c.scale
         else:
             d, alpha = c.weight_delta(base32, m), 1.0
         if d is None:
@@ -546,12 +547,13 @@ def _stack(terms: list) -> tuple:
     return torch.cat(ups, dim=1), torch.cat([d for (_, d), _, _ in terms], dim=0), 1.0
 
 
-def _block_of(target: Target, arch: str) -> Optional[str]:
+def _block_of(target: Target, modelmap: ModelMap) -> Optional[str]:
     """LBW block id of a target; None outside the blocks or where the architecture is unknown."""
-    if arch not in ("sd1", "sd2", "sdxl"):
+    arch = modelmap.arch
+    if arch not in ARCHS:
         return None if target.component == "unet" else "BASE"
     try:
-        return block_id(target.component, target.ldm_path, arch)
+        return block_id(target.component, target.ldm_path, arch, depth=(modelmap.depth, modelmap.singles))
     except BlockMapError:
         log.debug("no block for %s; block weights do not apply to it", target.weight)
         return None

@@ -3,12 +3,16 @@
     rt = Runtime([lora_dir, lyco_dir])                 # index of network files + parsed-network cache
     act = rt.activate(patcher, prompt_or_requests, steps=20)   # parse, resolve, load, bind, apply
     act.prompt, act.warnings, act.used                 # tags removed; one line per problem; what applied
+    act.public_warnings                                # the same lines without paths: for infotext and API
     for seg in act.te_segments: ...                    # encode the prompt once per te-weight segment
     patcher.set_step(step, steps)                      # per sampling step
     patcher.restore()                                  # after the batch
 
 A tag never crashes a generation: every problem of one network (bad tag, unknown name, unreadable
 file, no matching module) becomes one warning naming the tag and the file, and the other networks go on.
+Warnings name files by their full path (for the log and the UI); `public_warnings` (and `Runtime.public_text`
+for the host's own lines) name them relative to their networks folder, so the infotext saved in every image
+and the API carry no absolute path and no user name.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from .errors import LycorisError
 from .files import addnet_hash, read_metadata
 from .names import NetworkIndex
 from .network import Network, load_network
+from .privacy import public_text
 from .tags import NetworkRequest, parse_prompt
 
 log = logging.getLogger("lycoris")
@@ -106,7 +111,9 @@ class Activation:
     prompt: str                              # the prompt with the tags removed
     requests: list                           # every parsed request
     used: list = field(default_factory=list)  # (request, network) applied
-    warnings: list = field(default_factory=list)
+    failed: list = field(default_factory=list)  # (request, LycorisError) not applied at all
+    warnings: list = field(default_factory=list)         # full text, paths included: for the log and the UI
+    public_warnings: list = field(default_factory=list)  # `warnings` without paths: for infotext and API
     te_segments: list = field(default_factory=list)
     hashes: list = field(default_factory=list)   # (name, short hash) for the infotext `Lora hashes` field
     stats: object = None
@@ -118,7 +125,7 @@ def te_segments(requests: Sequence[NetworkRequest], total: int, hires: bool = Fa
     for r in requests:
         prev = None
         for s in range(1, total + 1):
-            w = (r.weight("te1", "BASE", s, total, hires), r.weight("te2", "BASE", s, total, hires))
+            w = tuple(r.weight(te, "BASE", s, total, hires) for te in ("te1", "te2", "te3"))
             if prev is not None and w != prev:
                 cuts.add(s)
             prev = w
@@ -134,6 +141,8 @@ class Runtime:
         """Args: roots: network folders, searched in order; presets: LBW presets besides the built-in ones
         (e.g. `blocks.load_user_presets(extension_root)[0]`)."""
         self.roots = [Path(r) for r in roots]
+        # Folders as messages spell them (as given) and as resolved (symlinks, relative roots).
+        self._public_roots = list(dict.fromkeys([*self.roots, *(r.resolve() for r in self.roots)]))
         self.presets = dict(presets) if presets else None
         self.index = NetworkIndex(self.roots, read_alias=_alias)
         self.cache = NetworkCache(cache_bytes)
@@ -158,6 +167,11 @@ class Runtime:
             self._hashes[key] = h
         return h
 
+    def public_text(self, text: str) -> str:
+        """`text` fit for the infotext and the API: a path inside a networks folder becomes its name there,
+        any other absolute path its file name, a home folder '~' (`privacy.public_text`)."""
+        return public_text(text, self._public_roots)
+
     def refresh(self) -> None:
         self.index.rescan()
 
@@ -168,7 +182,8 @@ class Runtime:
     def activate(self, patcher, prompt: Union[str, Sequence[NetworkRequest]], steps: int, *,
                  hires: bool = False, mode: str = "merge", step: int = 1) -> Activation:
         """Parse (if given a prompt), resolve, load, bind and apply; never raises for a tag's problem.
-        Every warning is logged once here and listed in `Activation.warnings`."""
+        Every warning is logged once here and listed in `Activation.warnings` (full text) and, in the same
+        order without paths, in `Activation.public_warnings`."""
         if isinstance(prompt, str):
             parsed = parse_prompt(prompt, presets=self.presets)
             act = Activation(prompt=parsed.prompt, requests=list(parsed.requests), warnings=list(parsed.warnings))
@@ -186,8 +201,14 @@ class Runtime:
                 report = patcher.prepare(net)
             except LycorisError as e:
                 act.warnings.append(f"<{req.kind}:{req.name}> skipped: {e}")
+                act.failed.append((req, e))
                 continue
             act.warnings += [f"<{req.kind}:{req.name}> {w}" for w in report.warnings()]
+            mm = getattr(patcher, "modelmap", None)
+            lbw = getattr(req, "lbw", None)
+            if lbw is not None and mm is not None and not lbw.fits(mm.arch, mm.depth):
+                act.warnings.append(f"<{req.kind}:{req.name}> lbw={lbw.text} names no block of this {mm.arch} "
+                                    f"model; its block weights are ignored (see docs/tags.md for the {mm.arch} list)")
             items.append((net, req, mode))
             act.used.append((req, net))
         act.stats = patcher.apply(items, step=step, total=steps, hires=hires, load_s=load_s)
@@ -195,4 +216,5 @@ class Runtime:
         act.te_segments = te_segments(act.requests, steps, hires)
         for w in act.warnings:     # logged here, once; hosts show them (UI, infotext) without logging again
             log.warning("%s", w)
+        act.public_warnings = [self.public_text(w) for w in act.warnings]
         return act

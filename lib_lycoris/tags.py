@@ -42,7 +42,8 @@ __all__ = [
 logger = logging.getLogger("lycoris")
 
 KINDS = ("lora", "lyco")
-COMPONENTS = ("te1", "te2", "unet")
+COMPONENTS = ("te1", "te2", "te3", "unet")
+TEXT_ENCODERS = ("te1", "te2", "te3")
 # Named keys this module understands; `w` is LBW's alias of `lbw`, `step=A-B` LBW's start+stop.
 KNOWN_KEYS = ("te", "unet", "dyn", "in", "mid", "out", "lbw", "w", "start", "stop", "step", "hr", "hrte",
               "hrunet", "interp")
@@ -126,16 +127,18 @@ class NetworkRequest:
         s = _clamp_step(step, total_steps)
         return (self.start is None or s >= self.start) and (self.stop is None or s <= self.stop)
 
-    def component_weight(self, component: str, step: int, total_steps: int, hires: bool = False) -> float:
-        """te or unet weight at `step` with start/stop gating; for te also times the LBW BASE weight."""
+    def component_weight(self, component: str, step: int, total_steps: int, hires: bool = False,
+                         te_block: str = "BASE") -> float:
+        """te or unet weight at `step` with start/stop gating; for te also times the LBW weight of the text
+        encoders' id (`te_block`: 'BASE', or 'CLIP' / 'T5' on SD3 and Flux)."""
         if component not in COMPONENTS:
             raise ValueError(f"component must be one of {COMPONENTS}, not {component!r}")
         s = _clamp_step(step, total_steps)
         if not self.active(s, total_steps):
             return 0.0
-        if component in ("te1", "te2"):
+        if component in TEXT_ENCODERS:
             value = self.te_schedule(hires).value_at(s, total_steps, self.interp)
-            return value * (self.lbw.get("BASE") if self.lbw is not None else 1.0)
+            return value * (self.lbw.get(te_block) if self.lbw is not None else 1.0)
         return self.unet_schedule(hires).value_at(s, total_steps, self.interp)
 
     def block_weight(self, block: Optional[str], step: int, total_steps: int) -> float:
@@ -157,14 +160,16 @@ class NetworkRequest:
         """Effective multiplier of one module at 1-based `step` = component weight × block weight.
 
         Args:
-            component: 'te1' | 'te2' | 'unet' (te1/te2 both use the te weight).
-            block: LBW id of the module ('BASE', 'IN00'.., 'M00', 'OUT00'..), None for UNet modules outside
-                the blocks (they get the unet weight alone). Ignored for text encoders (always BASE).
+            component: 'te1' | 'te2' | 'te3' | 'unet' (the text encoders all use the te weight).
+            block: LBW id of the module ('BASE', 'IN00'.., 'M00', 'OUT00'..; 'CLIP', 'T5', 'IN', 'D00'..,
+                'S00'.., 'OUT' on transformers), None for UNet modules outside the blocks (they get the unet
+                weight alone). For text encoders only its LBW weight counts ('BASE' when None).
             step: 1..total_steps (clamped into that range).
             total_steps: steps of this pass (the hires pass counts its own).
             hires: use the hires weights (hr, hrte, hrunet).
         """
-        w = self.component_weight(component, step, total_steps, hires)
+        te_block = block if component in TEXT_ENCODERS and block in ("CLIP", "T5") else "BASE"
+        w = self.component_weight(component, step, total_steps, hires, te_block)
         if component == "unet" and w != 0.0:
             w *= self.block_weight(block, step, total_steps)
         return w

@@ -14,6 +14,10 @@ Per generation (the WebUI order of things, with the engine's Runtime doing all n
 4. Optional hires pass (upscaled latents, re-noised to `denoise`): its own step count, `hires=True`
    weights (hr, hrte, hrunet), its own te segments.
 5. `patcher.restore()` in all cases: the model is bit-identical to before.
+
+The weight plot (`GenResult.series`, `GenResult.weight_rows`) shows what the engine used: every value comes
+from `NetworkRequest.weight(component, block, step, total)`. A hold schedule is drawn as steps (the value of
+step s lasts until step s+1), a ramp only between steps that `interp=linear` interpolates.
 """
 from __future__ import annotations
 
@@ -30,9 +34,11 @@ import torch.nn.functional as F
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from lib_lycoris.blocks import arch_block_ids, coarse_block
 from lib_lycoris.patcher import Patcher
 from lib_lycoris.runtime import Runtime, te_segments
-from lib_lycoris.tags import parse_prompt, step_table
+from lib_lycoris.schedule import LINEAR
+from lib_lycoris.tags import NetworkRequest, parse_prompt, step_table
 
 from . import __version__
 from .model import Model
@@ -70,25 +76,53 @@ class GenParams:
     denoise: float = 0.5
 
 
+@dataclass(frozen=True)
+class WeightSeries:
+    """One line of the weight plot: the engine's multiplier at each step of one pass.
+
+    `ramps[i]` says how step i+1 joins step i+2: True = a straight line (both steps interpolated by an
+    `interp=linear` tag), False = hold (the value of step i+1 lasts until step i+2 starts).
+    """
+
+    label: str
+    values: tuple[float, ...]        # index 0 is step 1 of the pass
+    ramps: tuple[bool, ...]          # len(values) - 1 joins
+    hires: bool = False
+
+    def points(self, offset: int = 0) -> list[tuple[int, float]]:
+        """(x, weight) points, x = offset + step, in x order, such that a line through them is the schedule:
+        at a hold edge where the value changes, two points share x (the old value, then the new one), so the
+        line is flat until the next step and jumps there. Points inside a flat run are left out (the line is
+        the same): Gradio's plot thins out a series of 1000+ rows by x buckets, which would bend the edges."""
+        if not self.values:
+            return []
+        out = [(offset + 1, self.values[0])]
+        for i in range(1, len(self.values)):
+            x, before, now = offset + i + 1, self.values[i - 1], self.values[i]
+            if now != before and not self.ramps[i - 1]:
+                out.append((x, before))      # the step before lasts up to here, then a vertical jump
+            out.append((x, now))
+        return [pt for i, pt in enumerate(out)
+                if i in (0, len(out) - 1) or not out[i - 1][1] == pt[1] == out[i + 1][1]]
+
+
 @dataclass
 class GenResult:
     image: Image.Image
     infotext: str
     warnings: list
-    weights: dict = field(default_factory=dict)          # name -> {'te': [...], 'unet': [...]} per step
+    weights: dict = field(default_factory=dict)          # name -> step_table: {'te': [...], 'unet': [...], ...}
     hires_weights: dict = field(default_factory=dict)
     seconds: float = 0.0
+    series: list = field(default_factory=list)           # WeightSeries of both passes, for the plot
 
     def weight_rows(self) -> list:
-        """(step, weight, series) rows for a line plot; hires steps continue after the first pass."""
-        rows = []
-        for table, offset, tag in ((self.weights, 0, ""), (self.hires_weights, None, " (hires)")):
-            if offset is None:
-                offset = max((len(t["te"]) for t in self.weights.values()), default=0)
-            for name, t in table.items():
-                for part in ("te", "unet"):
-                    rows += [(offset + i + 1, v, f"{name} {part}{tag}") for i, v in enumerate(t[part])]
-        return rows
+        """(step, weight, series) rows for a line plot; hires steps continue after the first pass.
+
+        Rows of one series are in x order; at a hold edge two rows share x (the old value, then the new one).
+        """
+        offset = max((len(s.values) for s in self.series if not s.hires), default=0)
+        return [(x, v, s.label) for s in self.series for x, v in s.points(offset if s.hires else 0)]
 
     def png_bytes(self) -> bytes:
         import io
@@ -194,6 +228,9 @@ class Session:
         latents = self._denoise(p, act.requests, act.prompt, negative, sched, list(sched.timesteps), latents, gen,
                                 p.steps, False, progress, (p.width, p.height))
         weights = {req.name: step_table(req, p.steps) for req, _ in act.used}
+        labels = _labels([req for req, _ in act.used])
+        series = [line for (req, _), label in zip(act.used, labels)
+                  for line in weight_series(req, model.arch, p.steps, label=label)]
         hires_weights = {}
         if hires:
             w2, h2 = _snap(p.width * p.hires_scale), _snap(p.height * p.hires_scale)
@@ -210,11 +247,13 @@ class Session:
             latents = self._denoise(p, act.requests, act.prompt, negative, sched, timesteps, latents, gen,
                                     len(timesteps), True, progress, (w2, h2))
             hires_weights = {req.name: step_table(req, len(timesteps), hires=True) for req, _ in act.used}
+            series += [line for (req, _), label in zip(act.used, labels)
+                       for line in weight_series(req, model.arch, len(timesteps), hires=True, label=label)]
         image = self._decode(latents)
         size = image.size
         text = infotext(p, model, act.hashes, {"Hires resize": f"{size[0]}x{size[1]}"} if hires else None)
         return GenResult(image=image, infotext=text, warnings=warnings, weights=weights,
-                         hires_weights=hires_weights, seconds=time.perf_counter() - t0)
+                         hires_weights=hires_weights, seconds=time.perf_counter() - t0, series=series)
 
     @torch.no_grad()
     def _denoise(self, p: GenParams, requests: list, prompt: str, negative: str, sched, timesteps: list,
@@ -249,6 +288,70 @@ class Session:
         x = vae.decode((latents / self.model.vae_scale).to(self.model.device, vae.dtype)).sample
         x = ((x[0].float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)   # (3, H, W) in 0..255
         return Image.fromarray(np.ascontiguousarray(x.permute(1, 2, 0).numpy()))
+
+
+def weight_series(req: NetworkRequest, arch: str, total: int, hires: bool = False,
+                  label: Optional[str] = None) -> list[WeightSeries]:
+    """The plot lines of one tag in one pass, every value from `req.weight(component, block, step, total)`.
+
+    Always `<label> te` (text encoders, × LBW BASE) and `<label> unet` (UNet modules outside the blocks).
+    When some UNet block's weight differs from that (in=/mid=/out=/lbw=), also one line per coarse block group
+    `<label> unet in|mid|out`; a group whose blocks differ (lbw=) gets one line per set of equal blocks, named by
+    their LBW ids (`unet in IN04-IN05`).
+
+    Args:
+        req: the tag.
+        arch: 'sd1' | 'sd2' | 'sdxl': which LBW block ids the UNet has.
+        total: steps of this pass.
+        hires: the hires pass (hr, hrte, hrunet weights; labels end in ' (hires)').
+        label: the network's name in the legend (default `req.name`).
+    """
+    name, tag = label or req.name, " (hires)" if hires else ""
+    steps = range(1, total + 1)
+    # Between two steps the engine interpolates only for interp=linear, and only while start/stop keeps it on.
+    ramps = tuple(req.interp == LINEAR and req.active(s, total) and req.active(s + 1, total) for s in steps[:-1])
+
+    def values(component: str, block: Optional[str]) -> tuple[float, ...]:
+        return tuple(req.weight(component, block, s, total, hires) for s in steps)
+
+    unet = values("unet", None)
+    lines = [WeightSeries(f"{name} te{tag}", values("te1", "BASE"), ramps, hires),
+             WeightSeries(f"{name} unet{tag}", unet, ramps, hires)]
+    order = arch_block_ids(arch)
+    groups: dict[str, dict[tuple[float, ...], list[str]]] = {}    # in|mid|out -> values -> block ids
+    for block in order:
+        group = coarse_block(block)
+        if group != "te":
+            groups.setdefault(group, {}).setdefault(values("unet", block), []).append(block)
+    if all(v == unet for by_values in groups.values() for v in by_values):
+        return lines
+    for group, by_values in groups.items():
+        for v, ids in by_values.items():
+            which = "" if len(by_values) == 1 else " " + _id_ranges(ids, order)
+            lines.append(WeightSeries(f"{name} unet {group}{which}{tag}", v, ramps, hires))
+    return lines
+
+
+def _id_ranges(ids: list, order: tuple) -> str:
+    """'IN00-IN03,IN06': runs of ids that are neighbours in `order` written as first-last."""
+    index = sorted(order.index(i) for i in ids)
+    runs = [[index[0], index[0]]]
+    for i in index[1:]:
+        if i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(order[a] if a == b else f"{order[a]}-{order[b]}" for a, b in runs)
+
+
+def _labels(requests: list) -> list[str]:
+    """Legend names: the network name, with ' #2', ' #3'... when one prompt names a network more than once."""
+    seen: dict[str, int] = {}
+    out = []
+    for req in requests:
+        seen[req.name] = seen.get(req.name, 0) + 1
+        out.append(req.name if seen[req.name] == 1 else f"{req.name} #{seen[req.name]}")
+    return out
 
 
 def _snap(value: float) -> int:

@@ -4,7 +4,9 @@ txt2img controls (prompt and negative prompt with tags, steps, seed, CFG, size, 
 merge/bypass), a Networks panel with one card per network file (preview, base-model badge, types,
 trigger words; its button inserts the tag), and the outputs of Generate: the image (a PNG with the
 infotext in its `parameters` chunk, saved under <data dir>/outputs), the infotext, every warning, and a
-plot of each network's te/unet weight per step. All work is `Session.generate`; this file only lays out.
+plot of each network's te/unet weight per step (steps for hold schedules, ramps for interp=linear, one line
+per UNet block group where a tag has block weights; `GenResult.weight_rows`). All work is `Session.generate`;
+this file only lays out.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ CSS = """
 #warnings textarea { color: #b45309; }
 #result-image img { min-width: 256px; image-rendering: pixelated; }   /* 64×64 default images, shown 4× */
 """
+# Series colors of the weight plot: Vega's 'tableau10' scheme (vega-scale, schemes.js), the Vega default.
+PLOT_COLORS = ("#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6",
+               "#9d755d", "#bab0ac")
 
 
 def _card_html(card: dict) -> str:
@@ -59,6 +64,17 @@ def _insert(prompt: str, tag: str) -> str:
     return f"{prompt.rstrip()} {tag}".strip()
 
 
+def weight_frame(rows: list) -> pd.DataFrame:
+    """The weight plot's data: `GenResult.weight_rows()` as (step, weight, series) columns."""
+    return pd.DataFrame(rows or [(1, 0.0, "no networks")], columns=["step", "weight", "series"])
+
+
+def series_colors(frame: pd.DataFrame) -> dict:
+    """A color per series of the weight plot, in the order of the rows."""
+    labels = dict.fromkeys(frame["series"])
+    return {label: PLOT_COLORS[i % len(PLOT_COLORS)] for i, label in enumerate(labels)}
+
+
 def build(session: Session) -> gr.Blocks:
     model = session.model
     outputs = Path(session.runtime.roots[0]).parent / "outputs"
@@ -78,8 +94,8 @@ def build(session: Session) -> gr.Blocks:
         path = outputs / f"{n:05d}-{p.seed}.png"
         save_png(r.image, r.infotext, path)
         warnings = "\n".join(f"⚠ {w}" for w in r.warnings) or "no warnings"
-        plot = pd.DataFrame(r.weight_rows() or [(1, 0.0, "no networks")], columns=["step", "weight", "series"])
-        return str(path), r.infotext, warnings, plot
+        frame = weight_frame(r.weight_rows())
+        return str(path), r.infotext, warnings, frame, series_colors(frame)
 
     with gr.Blocks(title="LyCORIS standalone", analytics_enabled=False) as demo:
         gr.Markdown(f"## LyCORIS networks: standalone host\nModel: **{model.name}** ({model.arch.upper()}, "
@@ -118,8 +134,10 @@ def build(session: Session) -> gr.Blocks:
                                  interactive=False, height=320)
                 info = gr.Textbox(label="Infotext", lines=4, elem_id="infotext", interactive=False)
                 warn = gr.Textbox(label="Warnings", lines=2, elem_id="warnings", interactive=False)
-        plot = gr.LinePlot(x="step", y="weight", color="series", label="Network weight per step (te / unet)",
-                           elem_id="weights-plot", height=300, x_axis_format="d", x_title="step")
+        # No fixed height: Gradio counts the legend inside it and cuts the legend off.
+        plot = gr.LinePlot(x="step", y="weight", color="series", elem_id="weights-plot",
+                           label="Network weight per step (te / unet; unet in/mid/out: × block weights)",
+                           x_axis_format="d", x_title="step")
         with gr.Accordion("Networks", open=True, elem_id="networks-panel"):
             refresh = gr.Button("Refresh", size="sm", elem_id="networks-refresh")
 
@@ -138,7 +156,12 @@ def build(session: Session) -> gr.Blocks:
                             b.click(lambda p, tag=card["tag"]: _insert(p, tag), inputs=prompt, outputs=prompt)
 
         inputs = [prompt, negative, steps, seed, cfg, width, height, sampler, mode, hires, hr_scale, hr_steps, denoise]
-        go.click(generate, inputs=inputs, outputs=[image, info, warn, plot], concurrency_limit=1)
+        colors = gr.State({})
+        # Gradio 6 rebuilds a plot's Vega spec (and with it the color domain, i.e. the legend) when a prop such as
+        # `color_map` changes, not when only its data does: a new series would get no color and not be drawn.
+        # Setting the colors in a second event, once the new data is on the page, redraws it with every series.
+        go.click(generate, inputs=inputs, outputs=[image, info, warn, plot, colors], concurrency_limit=1).then(
+            lambda c: gr.LinePlot(color_map=c), inputs=colors, outputs=plot)
     demo.lycoris_outputs = outputs
     return demo
 

@@ -253,3 +253,88 @@ def test_step_warnings_once_per_pass(session):
     assert len([w for w in r.warnings if "start=9" in w]) == 1, r.warnings
     r = session.generate(GenParams(f"a dog <lora:{LORA}:1:start=9>", steps=4, seed=3, hires_scale=2, hires_steps=4))
     assert len([w for w in r.warnings if "start=9" in w and "hires" in w]) == 1, r.warnings
+
+
+# --------------------------------------------------------------------------------------------------
+# The weight plot: hold schedules as steps, interp=linear as ramps, block weights from the engine
+
+def _plotted(rows: list, label: str, x: float) -> float:
+    """The value at `x` of the line the plot draws through one series' rows, in their order."""
+    points = [(s, w) for s, w, series in rows if series == label]
+    assert points, f"no series {label!r} in {sorted({r[2] for r in rows})}"
+    assert all(a[0] <= b[0] for a, b in zip(points, points[1:])), "x must not go back within a series"
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1 and x1 > x0:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    raise AssertionError(f"x={x} is outside the series {label!r}: {points}")
+
+
+def test_weight_plot_draws_hold_as_steps(session):
+    from lycoris_app.sampling import GenParams
+
+    r = session.generate(GenParams(f"a dog <lora:{LORA}:te=0.2@1,1@3>", steps=4, seed=3))
+    rows = r.weight_rows()
+    for part in ("te", "unet"):
+        label = f"{LORA} {part}"
+        assert _plotted(rows, label, 2.5) == pytest.approx(0.2)     # held until the keyframe at step 3
+        assert _plotted(rows, label, 1.5) == pytest.approx(0.2)
+        assert _plotted(rows, label, 3.5) == pytest.approx(1.0)
+        # Between step s and s+1 the line is flat at the value the engine used for step s.
+        for s in (1, 2, 3):
+            assert _plotted(rows, label, s + 0.99) == pytest.approx(r.weights[LORA][part][s - 1])
+    assert not any(" in" in series for _, _, series in rows), "no block lines for a tag without block weights"
+
+
+def test_weight_plot_ramps_only_for_interp_linear(session):
+    from lycoris_app.sampling import GenParams
+
+    r = session.generate(GenParams(f"a dog <lora:{LORA}:te=0.2@1,1@3:interp=linear>", steps=4, seed=3))
+    rows = r.weight_rows()
+    for x, expected in ((1.5, 0.4), (2.0, 0.6), (2.5, 0.8), (3.5, 1.0)):    # 0.2 + 0.8 * (x - 1) / 2 up to 3
+        assert _plotted(rows, f"{LORA} te", x) == pytest.approx(expected), x
+
+
+def test_weight_plot_linear_schedule_still_steps_at_stop():
+    """start/stop switch a network off between two steps: a jump, even when the schedule ramps."""
+    from lib_lycoris.tags import parse_prompt
+    from lycoris_app.sampling import GenResult, weight_series
+
+    req = parse_prompt("<lora:x:te=0@1,1@5:interp=linear:stop=3>").requests[0]
+    rows = GenResult(image=None, infotext="", warnings=[], series=weight_series(req, "sd1", 5)).weight_rows()
+    assert _plotted(rows, "x te", 2.5) == pytest.approx(0.375)           # ramping: 0.25 at 2, 0.5 at 3
+    assert _plotted(rows, "x te", 3.5) == pytest.approx(0.5)             # then held until it stops at step 4
+    assert _plotted(rows, "x te", 4.5) == 0.0
+
+
+def test_weight_plot_shows_block_weights_from_the_engine(session):
+    from lib_lycoris.tags import parse_prompt
+    from lycoris_app.sampling import GenParams
+
+    tag = f"<lora:{LORA}:0.8:in=0:out=1.2>"
+    r = session.generate(GenParams(f"a dog {tag}", steps=4, seed=3))
+    rows = r.weight_rows()
+    req = parse_prompt(tag).requests[0]
+    for group, block in (("in", "IN04"), ("mid", "M00"), ("out", "OUT03")):
+        for s in (1, 2, 3):
+            assert _plotted(rows, f"{LORA} unet {group}", s + 0.5) == pytest.approx(req.weight("unet", block, s, 4))
+    assert _plotted(rows, f"{LORA} unet in", 2.5) == 0.0
+    assert _plotted(rows, f"{LORA} unet out", 2.5) == pytest.approx(0.96)
+    assert _plotted(rows, f"{LORA} unet", 2.5) == pytest.approx(0.8)
+
+
+def test_weight_plot_splits_a_block_group_that_lbw_splits_and_labels_hires():
+    from lib_lycoris.tags import parse_prompt
+    from lycoris_app.sampling import GenResult, weight_series
+
+    # 12-value list: BASE, IN04, IN05, IN07, IN08, M00, OUT00..OUT05 (the ids it leaves out get 0).
+    req = parse_prompt("<lora:x:1:lbw=1,1,1,1,1,1,0.5,0.5,0.5,0.5,0.5,0.5:hr=0.5>").requests[0]
+    series = weight_series(req, "sd1", 3) + weight_series(req, "sd1", 2, hires=True)
+    by_label = {s.label: s.values for s in series}
+    assert by_label["x unet out OUT00-OUT05"] == (0.5,) * 3
+    assert by_label["x unet out OUT06-OUT11"] == (0.0,) * 3
+    assert by_label["x unet in IN04-IN05,IN07-IN08"] == (1.0,) * 3
+    assert by_label["x unet in IN00-IN03,IN06,IN09-IN11"] == (0.0,) * 3
+    assert by_label["x unet mid"] == (1.0,) * 3
+    assert by_label["x unet out OUT00-OUT05 (hires)"] == (0.25,) * 2
+    rows = GenResult(image=None, infotext="", warnings=[], series=series).weight_rows()
+    assert {s for s, _, label in rows if label.endswith("(hires)")} == {4, 5}    # after the 3 first-pass steps

@@ -1,7 +1,9 @@
 """The Gradio app in a real browser: Playwright drives Debian's Chromium against `serve` on 127.0.0.1.
 
 Inserts a network from its card, generates, and checks the image and the infotext on the page; a bad tag's
-warning shows next to the image. The page's screenshot is kept in tests/_artifacts/app.png.
+warning shows next to the image; the weight plot draws a hold schedule as steps and a line per block group,
+also when the set of series changes from one image to the next. The page's screenshot is kept in
+tests/_artifacts/app.png.
 Needs `/usr/bin/chromium` (or $LYCORIS_CHROMIUM) and the `playwright` Python package (no browser download:
 .ci/app-setup installs both). Skipped when either is missing, unless LYCORIS_REQUIRE_BROWSER=1.
 """
@@ -139,3 +141,27 @@ def test_bad_tag_warns_on_the_page(page):
                                                              timeout=GENERATE_TIMEOUT_MS)
     expect(page.locator("#infotext textarea")).to_have_value(re.compile(r"^a lighthouse <lora:no_such_network:1>\n"))
     page.screenshot(path=str(ARTIFACTS / "app-warning.png"), full_page=True)
+
+
+def _line(page, series: str):
+    """The plot's SVG path of one series (Vega writes `series: <name>` last in its aria-label)."""
+    return page.locator(f'#weights-plot .plot_marks path[aria-label$="series: {series}"]')
+
+
+def test_weight_plot_draws_steps_and_block_lines(page):
+    prompt = "a lighthouse <lora:moss_loha:0.2@1,1@3:in=0:out=1.2>"
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#generate").click()
+    expect(page.locator("#infotext textarea")).to_have_value(re.compile("^" + re.escape(prompt) + "\n"),
+                                                             timeout=GENERATE_TIMEOUT_MS)
+    # The series differ from the previous image's: every one must be drawn, with a color (a stroke).
+    for series in ("te", "unet", "unet in", "unet mid", "unet out"):
+        expect(_line(page, f"moss_loha {series}")).to_have_attribute("stroke", re.compile("."), timeout=30_000)
+        expect(page.locator("#weights-plot")).to_contain_text(f"moss_loha {series}")      # the legend
+    # Hold: flat, then a vertical jump (two points at the same x) where the keyframe at step 3 starts.
+    d = _line(page, "moss_loha te").get_attribute("d")
+    points = [(float(x), float(y)) for x, y in re.findall(r"[ML]([-\d.e]+),([-\d.e]+)", d)]
+    assert any(a[0] == b[0] and a[1] != b[1] for a, b in zip(points, points[1:])), d
+    assert not any(a[0] != b[0] and a[1] != b[1] for a, b in zip(points, points[1:])), f"a ramp in {d}"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#weights-plot").screenshot(path=str(ARTIFACTS / "weights-plot.png"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,150 @@ def test_module_entry_point_schedule():
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert "0" in r.stdout and data
+
+
+# --------------------------------------------------------------------------------------------------
+# merge: strict by default (issue 14), clear errors for bad model / output files, atomic output
+
+def _net(tmp_path: Path, name: str = "net", limit: int = 6) -> Path:
+    """A synthetic LoRA on the tiny SD1 model (its first `limit` weights; conv_in first)."""
+    from synth import make_network
+    return make_network(tmp_path / f"{name}.safetensors", tiny_model("sd1", 0).root, "lora", limit=limit)
+
+
+def _misfit(tmp_path: Path) -> tuple:
+    """(network, module label, delta shape, weight shape): a LoRA whose conv_in has twice the out-dimension."""
+    from safetensors.torch import load_file
+    t = load_file(str(_net(tmp_path, "good")))
+    key = "lora_unet_conv_in.lora_up.weight"
+    t[key] = torch.cat([t[key], t[key]])
+    bad = tmp_path / "misfit.safetensors"
+    save_file(t, str(bad))
+    down = t["lora_unet_conv_in.lora_down.weight"]
+    rest = tuple(down.shape[1:])
+    return bad, "unet:conv_in", (t[key].shape[0],) + rest, (t[key].shape[0] // 2,) + rest
+
+
+def _errors(caplog) -> list:
+    return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_merge_refuses_a_module_that_does_not_fit(tmp_path, caplog):
+    model = _checkpoint(tmp_path)
+    bad, label, delta, weight = _misfit(tmp_path)
+    before = set(tmp_path.iterdir())
+    out = tmp_path / "merged.safetensors"
+    rc, _ = _run("merge", str(model), str(bad), "-o", str(out), "--device", "cpu")
+    assert rc != 0 and not out.exists() and set(tmp_path.iterdir()) == before
+    (msg,) = _errors(caplog)
+    line = next(x for x in msg.splitlines() if label in x)
+    assert str(bad) in line and str(delta) in line and str(weight) in line, msg
+    assert "--allow-partial" in msg
+
+
+def test_merge_refuses_a_module_the_model_lacks(tmp_path, caplog):
+    from safetensors.torch import load_file
+    model = _checkpoint(tmp_path)
+    t = load_file(str(_net(tmp_path)))
+    t["lora_unet_no_such_block.lora_down.weight"] = torch.zeros(4, 8)
+    t["lora_unet_no_such_block.lora_up.weight"] = torch.zeros(8, 4)
+    net = tmp_path / "extra.safetensors"
+    save_file(t, str(net))
+    out = tmp_path / "merged.safetensors"
+    rc, _ = _run("merge", str(model), str(net), "-o", str(out), "--device", "cpu")
+    assert rc != 0 and not out.exists()
+    (msg,) = _errors(caplog)
+    assert f"{net}: unet:no_such_block: no such module in the model" in msg, msg
+
+
+def test_merge_allow_partial_writes_the_rest_and_lists_what_it_left_out(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="lycoris")
+    model = _checkpoint(tmp_path)
+    bad, label, delta, weight = _misfit(tmp_path)
+    out = tmp_path / "merged.safetensors"
+    rc, text = _run("merge", str(model), str(bad), "-o", str(out), "--device", "cpu", "--allow-partial")
+    assert rc == 0, text
+    assert "1 skipped (shape)" in text and "1 module(s) left out" in text
+    (skip,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert str(bad) in skip and label in skip and str(delta) in skip and str(weight) in skip
+    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+    with safe_open(str(out), framework="pt") as f, safe_open(str(model), framework="pt") as m:
+        assert torch.equal(f.get_tensor(conv_in), m.get_tensor(conv_in))       # left out
+        changed = [k for k in f.keys() if k != conv_in and not torch.equal(f.get_tensor(k), m.get_tensor(k))]
+    assert len(changed) == 5   # the other modules of the network were merged
+
+
+def test_merge_state_dict_strict_raises_typed_error_and_leaves_sd_untouched(tmp_path):
+    from lib_lycoris.errors import PartialMergeError
+    from lib_lycoris.merge import merge_state_dict
+    bad, label, _, _ = _misfit(tmp_path)
+    sd = {k: v.detach().clone() for k, v in tiny_model("sd1", 0).root.state_dict().items()}
+    ref = {k: v.clone() for k, v in sd.items()}
+    try:
+        merge_state_dict(sd, [(load_network(bad), Strength(1.0))], device="cpu")
+    except PartialMergeError as e:
+        assert [(p[0], p[1]) for p in e.problems] == [(str(bad), label)]
+    else:
+        raise AssertionError("a strict merge with a misfit module did not raise")
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+def test_merge_bad_model_file_gives_one_line_and_writes_nothing(tmp_path, caplog):
+    good = _checkpoint(tmp_path)
+    net = _net(tmp_path)
+    data = good.read_bytes()
+    cases = {"truncated.safetensors": data[: len(data) // 2], "cut_in_header.safetensors": data[:100],
+             "garbage.safetensors": b"\x01" * 30, "model.ckpt": data}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    (tmp_path / "folder.safetensors").mkdir()
+    before = set(tmp_path.iterdir())
+    for name in list(cases) + ["folder.safetensors", "missing.safetensors"]:
+        caplog.clear()
+        out = tmp_path / "merged.safetensors"
+        rc, _ = _run("merge", str(tmp_path / name), str(net), "-o", str(out), "--device", "cpu")
+        (msg,) = _errors(caplog)
+        assert rc != 0 and str(tmp_path / name) in msg and "\n" not in msg, (name, msg)
+        assert set(tmp_path.iterdir()) == before, name
+
+
+def test_merge_truncated_model_has_no_traceback(tmp_path):
+    good = _checkpoint(tmp_path)
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(good.read_bytes()[:-64])
+    r = subprocess.run([sys.executable, "-m", "lib_lycoris", "merge", str(bad), str(_net(tmp_path)), "-o",
+                        str(tmp_path / "o.safetensors")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and str(bad) in r.stderr, r.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_merge_unwritable_output_gives_a_clear_message(tmp_path, caplog):
+    model = _checkpoint(tmp_path)
+    net = _net(tmp_path)
+    for out in (tmp_path / "no_such_folder" / "o.safetensors", tmp_path):
+        caplog.clear()
+        rc, _ = _run("merge", str(model), str(net), "-o", str(out), "--device", "cpu")
+        (msg,) = _errors(caplog)
+        assert rc != 0 and str(out) in msg and "\n" not in msg, msg
+
+
+def test_merge_failure_while_writing_leaves_the_old_output(tmp_path, caplog, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    model = _checkpoint(tmp_path)
+    net = _net(tmp_path)
+    out = tmp_path / "merged.safetensors"
+    out.write_bytes(b"old")
+    before = set(tmp_path.iterdir())
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    rc, _ = _run("merge", str(model), str(net), "-o", str(out), "--device", "cpu")
+    assert rc != 0 and out.read_bytes() == b"old" and set(tmp_path.iterdir()) == before
+    (msg,) = _errors(caplog)
+    assert "No space left on device" in msg and str(out) in msg, msg

@@ -172,7 +172,7 @@ def test_kept_backups_are_reused_only_while_the_weights_are_untouched(nets):
         assert torch.equal(x, y), k
     p.restore()
     # someone else changes two weights between generations
-    names = sorted({s_[0] for s_ in backups})[:2]
+    names = sorted(backups)[:2]                               # slots are keyed by weight name
     with torch.no_grad():
         tm.root.get_parameter(names[0]).mul_(2.0)                 # bumps the version counter
         tm.root.get_parameter(names[1]).data.mul_(3.0)            # does not: caught by the sample check
@@ -338,7 +338,7 @@ def test_inference_tensors(nets):
             p.restore()
             assert all(torch.equal(v, snap[k]) for k, v in tm.root.named_parameters())
         assert p.extra_memory() > 0
-        name = next(k for k, _ in p._kept)
+        name = next(iter(p._kept))                   # kept backups are keyed by weight name
         tm.root.get_parameter(name).mul_(2.0)          # changed behind our back: caught by the samples
         changed = {k: v.clone() for k, v in tm.root.named_parameters()}
         p.apply([(nets["lora"], Strength(1.0))])

@@ -1,7 +1,11 @@
 """Runtime: one generation's activation; a bad tag is a warning, never an exception."""
 from __future__ import annotations
 
+import getpass
+import re
+
 import torch
+from safetensors.torch import load_file, save_file
 
 from fixtures.models import tiny_model
 from lib_lycoris.patcher import Patcher
@@ -44,3 +48,34 @@ def test_te_segments_follow_te_schedule():
     reqs = parse_prompt("<lora:a:te=0.1@1,0.6@6> <lora:b:1:unet=0@1,1@3>").requests
     segs = te_segments(reqs, 10)
     assert [(s.start, s.stop) for s in segs] == [(1, 5), (6, 10)]
+
+
+def test_public_warnings_carry_no_path_and_no_user_name(tmp_path):
+    """Issue 14: the infotext (saved in every PNG) and the API get `public_warnings`, never a folder path."""
+    tm = tiny_model("sd1", 0)
+    root = tmp_path / "Users" / "bob" / "My Models" / "Lora"     # a home folder, a space
+    (root / "styles").mkdir(parents=True)
+    unk = make_network(root / "unk.safetensors", tm.root, "lora", limit=5)
+    tensors = load_file(str(unk))
+    tensors["mystery.tensor"] = torch.zeros(2)                      # a key no algorithm claims
+    save_file(tensors, str(unk))
+    (root / "styles" / "broken v2.safetensors").write_bytes(b"\x00" * 20)
+    rt = Runtime([root])
+    act = rt.activate(Patcher(tm.root), "a <lora:missing:1> <lora:styles/broken v2:1> <lora:unk:1> "
+                      "<lora:/home/bob/x.safetensors:1>", steps=4)
+    assert len(act.public_warnings) == len(act.warnings) == 4
+    full, public = "\n".join(act.warnings), "\n".join(act.public_warnings)
+    # the log and the UI keep the detail
+    assert str(root) in full and f"{str(root / 'styles' / 'broken v2.safetensors')!r}" in full
+    # the infotext names files by their name in the networks folder
+    assert "networks folders ('Lora')" in public
+    assert "(file 'styles/broken v2.safetensors')" in public
+    assert "unk: 5 modules matched, 1 unknown keys" in public
+    assert "'x.safetensors'" in public
+    secrets = [part for part in tmp_path.parts if part not in ("/", "")] + ["bob", "My Models", "/home"]
+    user = getpass.getuser()
+    if len(user) >= 3:
+        secrets.append(user)
+    for w, p in zip(act.warnings, act.public_warnings):
+        assert not any(s in p for s in secrets), (w, p)
+        assert not re.search(r"""(^|[\s'"(:])(/|~|[A-Za-z]:[\\/]|\\)""", p), p     # no absolute path left

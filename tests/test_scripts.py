@@ -281,3 +281,133 @@ def test_each_warning_logged_once(glue, caplog):
         net.activate(_p(glue.shared), _params(glue.en, "<lora:nothere:1> <lora:ink:1:bogus=3>"))
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("nothere" in m for m in lines) == 1 and sum("bogus" in m for m in lines) == 1, lines
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-back to the built-in Lora (never worse than the built-in)
+
+class _Recorder:
+    """A built-in handler that records what the host would have given it."""
+
+    def __init__(self):
+        self.name = "lora"
+        self.calls = []
+
+    def activate(self, p, params_list):
+        self.calls.append(("activate", [list(x.items) for x in params_list]))
+
+    def deactivate(self, p):
+        self.calls.append(("deactivate",))
+
+
+def _with_recorder(glue):
+    rec = _Recorder()
+    glue.en.extra_network_registry["lora"] = rec      # what the built-in registered before ours
+    glue.mod.before_ui()
+    assert glue.mod.EXTRA_NETWORK.builtin is rec
+    return rec
+
+
+def _unmapped_model():
+    """A model class the engine has no map for (a DiT it doesn't know), held the way A1111 holds one."""
+    dm = torch.nn.Module()
+    dm.add_module("patchify", torch.nn.Linear(4, 8))
+    dm.add_module("mystery_blocks", torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)]))
+    return SimpleNamespace(model=SimpleNamespace(diffusion_model=dm))
+
+
+def test_unmapped_family_hands_tags_to_the_builtin_unchanged(glue):
+    rec = _with_recorder(glue)
+    glue.shared.sd_model = _unmapped_model()
+    tags = "<lora:ink:0.8:te=0.1@1,0.6@6> <lyco:hat:1:unet=0.5>"
+    p = SimpleNamespace(**{**vars(_p(glue.shared)), "sd_model": glue.shared.sd_model})
+    params = _params(glue.en, tags)
+    glue.mod.EXTRA_NETWORK.activate(p, params)
+    glue.mod.EXTRA_NETWORK.deactivate(p)
+    assert rec.calls == [("activate", [x.items for x in params]), ("deactivate",)]
+    assert glue.mod.HOST.activation is None and "Lora hashes" not in p.extra_generation_params
+
+
+def test_mapped_family_is_ours_and_the_builtin_gets_nothing(glue):
+    rec = _with_recorder(glue)
+    snap = _snapshot(glue.tm.root)
+    p = _p(glue.shared)
+    glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:1>"))
+    assert not _same(glue.tm.root, snap) and "Lora hashes" in p.extra_generation_params
+    glue.mod.EXTRA_NETWORK.deactivate(p)
+    assert _same(glue.tm.root, snap) and rec.calls == []
+
+
+def test_family_set_to_the_builtin_in_settings(glue):
+    rec = _with_recorder(glue)
+    glue.shared.opts.lycoris_handback_families = ["sd1"]
+    glue.mod.HOST.model_loaded(glue.shared.sd_model)
+    snap = _snapshot(glue.tm.root)
+    p = _p(glue.shared)
+    params = _params(glue.en, "<lora:ink:1>")
+    glue.mod.EXTRA_NETWORK.activate(p, params)
+    assert _same(glue.tm.root, snap) and rec.calls == [("activate", [x.items for x in params])]
+    glue.shared.opts.lycoris_handback_families = []
+    glue.mod.HOST.model_loaded(glue.shared.sd_model)
+    glue.mod.EXTRA_NETWORK.activate(_p(glue.shared), _params(glue.en, "<lora:ink:1>"))
+    assert rec.calls[-1] == ("activate", []) and not _same(glue.tm.root, snap)   # the built-in emptied first
+    glue.mod.EXTRA_NETWORK.deactivate(p)
+    assert _same(glue.tm.root, snap)
+
+
+def _old_oft(path, model):
+    """A file only the built-in reads: old LyCORIS OFT (`oft_diag`), kohya key style."""
+    from safetensors.torch import save_file
+    name = next(n for n, _ in model.named_parameters() if n.endswith("attn1.to_q.weight"))
+    body = name[: -len(".weight")].replace("model.diffusion_model.", "lora_unet_").replace(".", "_")
+    save_file({f"{body}.oft_diag": torch.zeros(4, 8, 8)}, str(path))
+
+
+def test_a_file_only_the_builtin_reads_goes_to_the_builtin(glue):
+    rec = _with_recorder(glue)
+    _old_oft(glue.dir / "oldoft.safetensors", glue.tm.root)
+    snap = _snapshot(glue.tm.root)
+    p = _p(glue.shared)
+    params = _params(glue.en, "<lora:oldoft:1>")
+    glue.mod.EXTRA_NETWORK.activate(p, params)
+    assert rec.calls == [("activate", [x.items for x in params])] and _same(glue.tm.root, snap)
+    glue.mod.EXTRA_NETWORK.deactivate(p)
+    assert rec.calls[-1] == ("deactivate",)
+
+
+def test_a_builtin_only_file_beside_ours_is_not_applied_twice(glue):
+    """Mixed: ours apply what they read; the other file gets a warning, the built-in is never called (two
+    loaders holding backups of one weight could corrupt it)."""
+    rec = _with_recorder(glue)
+    _old_oft(glue.dir / "oldoft.safetensors", glue.tm.root)
+    snap = _snapshot(glue.tm.root)
+    p = _p(glue.shared)
+    glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:oldoft:1> <lora:ink:1>"))
+    assert rec.calls == [] and not _same(glue.tm.root, snap)
+    assert "oldoft" in p.extra_generation_params["Lora warnings"]
+    glue.mod.EXTRA_NETWORK.deactivate(p)
+    assert _same(glue.tm.root, snap)
+
+
+def test_builtin_weights_restored_before_ours_write(glue, monkeypatch):
+    """After a handed-back generation on the same model, A1111's built-in still holds patched weights that
+    it would restore lazily at the next forward: they go back before ours write."""
+    rec = _with_recorder(glue)
+    _old_oft(glue.dir / "oldoft.safetensors", glue.tm.root)
+    glue.mod.EXTRA_NETWORK.activate(_p(glue.shared), _params(glue.en, "<lora:oldoft:1>"))
+    snap = _snapshot(glue.tm.root)
+    layer = next(m for m in glue.tm.root.modules() if isinstance(m, torch.nn.Linear))
+    backup = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(1.0)                        # the built-in's patch
+    layer.network_current_names = (("oldoft", 1.0, 1.0, None),)
+
+    def restore(module):
+        with torch.no_grad():
+            module.weight.copy_(backup)
+    monkeypatch.setitem(sys.modules, "networks", SimpleNamespace(network_restore_weights_from_backup=restore))
+    p = _p(glue.shared)
+    glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:1>"))
+    assert rec.calls[-1] == ("activate", []) and layer.network_current_names == ()
+    glue.mod.EXTRA_NETWORK.deactivate(p)
+    assert _same(glue.tm.root, snap)

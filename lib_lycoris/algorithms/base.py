@@ -89,6 +89,11 @@ class Adapter:
     def bias_delta(self) -> Optional[Tensor]:
         return None
 
+    def rows(self, start: int, stop: int) -> Optional["Adapter"]:
+        """The same type whose ΔW is rows [start, stop) of this one's, from sliced factors (exact); None
+        where the type cannot be cut that way (its rows mix: Kronecker, rotations, weight-dependent)."""
+        return None
+
     def tensors(self) -> dict:
         """The named tensor fields (None-valued ones left out)."""
         return {f.name: getattr(self, f.name) for f in fields(self)

@@ -25,7 +25,6 @@ class Full(Adapter):
     def from_tensors(cls, tensors: Mapping[str, Tensor], where: str = "") -> "Full":
         return cls(diff=tensors.get("diff"), diff_b=tensors.get("diff_b"))
 
-
     def out_features(self) -> int:
         return (self.diff if self.diff is not None else self.diff_b).shape[0]
 
@@ -44,3 +43,7 @@ class Full(Adapter):
 
     def bias_delta(self) -> Optional[Tensor]:
         return self.diff_b
+
+    def rows(self, start: int, stop: int) -> "Full":
+        return Full(diff=None if self.diff is None else self.diff[start:stop],
+                    diff_b=None if self.diff_b is None else self.diff_b[start:stop])

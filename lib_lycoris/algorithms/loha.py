@@ -74,6 +74,14 @@ class LoHa(Adapter):
             w2 = f32(self.w2_a, d) @ f32(self.w2_b, d)
         return w1.reshape(base.shape), w2.reshape(base.shape)
 
+    def rows(self, start: int, stop: int) -> "LoHa":
+        """ΔW rows [start, stop): both products are row-wise in their `a` factors (w_a rows; Tucker: w_a
+        columns, which index the output there)."""
+        if self.t1 is not None:
+            return LoHa(w1_a=self.w1_a[:, start:stop], w1_b=self.w1_b, w2_a=self.w2_a[:, start:stop],
+                        w2_b=self.w2_b, t1=self.t1, t2=self.t2)
+        return LoHa(w1_a=self.w1_a[start:stop], w1_b=self.w1_b, w2_a=self.w2_a[start:stop], w2_b=self.w2_b)
+
     def delta(self, base: Tensor) -> Tensor:
         w1, w2 = self.hadamard(base)
         return w1 * w2

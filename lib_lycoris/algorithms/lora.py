@@ -75,6 +75,11 @@ class LoRA(Adapter):
             return self
         return LoRA(up=self.up[:, :dyn], down=self.down[:dyn], stored_scale=self.stored_scale, full_rank=r)
 
+    def rows(self, start: int, stop: int) -> "LoRA":
+        """ΔW rows [start, stop): up's rows (up·down and the Tucker rebuild are row-wise in up)."""
+        return LoRA(up=self.up[start:stop], down=self.down, mid=self.mid, stored_scale=self.stored_scale,
+                    full_rank=self.full_rank)
+
     def factors(self, device: torch.device) -> tuple:
         """(up2d (out, r), down2d (r, in·k·k)) in float32 with ΔW = up2d @ down2d; Tucker folded into down."""
         up = f32(self.up, device).reshape(self.up.shape[0], -1)

@@ -1,0 +1,226 @@
+"""The loaded model as the engine sees it, and the extension's process-wide state (`HOST`).
+
+Host objects in (A1111's `sd_model`: SD1/SD2/SDXL, SD3 `SD3Inferencer`; Forge's `forge_objects`), engine
+components out; which family the engine maps, and so whether the tags go to the host's built-in Lora.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from typing import Optional
+
+from modules import shared
+
+from lib_lycoris.blocks import ARCHS
+from lib_lycoris.modelmap import ModelMap
+from lib_lycoris.patcher import Patcher
+from lib_lycoris.runtime import DEFAULT_CACHE_BYTES, Runtime
+
+log = logging.getLogger("lycoris")
+
+SECTION = ("lycoris", "LyCORIS loader")
+MODES = ("merge", "bypass")
+# Infotext keys; "Lora hashes" is A1111's key and format (image sites read it).
+INFOTEXT_HASHES = "Lora hashes"
+INFOTEXT_WARNINGS = "Lora warnings"
+INFOTEXT_TRIGGERS = "Lora trigger words"
+# Longest warning text put into the infotext (the full text is in the UI comment and the log).
+INFOTEXT_WARNING_LIMIT = 300
+# Placeholder in the prompt that trigger words replace (SD.Next's convention).
+TAGS_PLACEHOLDER = "_tags_"
+BASE_MODEL_LABELS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux", "unknown": "unknown"}
+_TAG_NAME = re.compile(r"<(lora|lyco):([^:>]+)", re.IGNORECASE)
+
+
+def _opt(name: str, default):
+    return getattr(shared.opts, name, default) if getattr(shared, "opts", None) is not None else default
+
+
+def _handback_setting() -> tuple:
+    """Families the user hands to the built-in Lora (setting `lycoris_handback_families`)."""
+    value = _opt("lycoris_handback_families", [])
+    return tuple(value) if isinstance(value, (list, tuple)) else ()
+
+
+def _keep_backups() -> Optional[bool]:
+    """Patcher.keep_backups from the setting: on = the engine's default (kept where in host memory)."""
+    return None if _opt("lycoris_keep_backups", True) else False
+
+
+# --------------------------------------------------------------------------------------------------
+# Host model -> engine components
+
+def model_components(sd_model) -> dict:
+    """{'unet': ..., 'te1': ..., 'te2': ..., 'te3': ...} of the host's loaded model (A1111 or Forge)."""
+    forge = getattr(sd_model, "forge_objects", None)
+    if forge is not None:
+        comps = {"unet": forge.unet.model.diffusion_model}
+        te = getattr(forge.clip, "cond_stage_model", None)
+        # SD1 clip_l; SD2 clip_h (OpenCLIP-H in HF layout); SDXL clip_l + clip_g; Flux clip_l + t5xxl
+        for key, name in (("te1", "clip_l"), ("te1", "clip_h"), ("te2", "clip_g"), ("te3", "t5xxl")):
+            enc = getattr(te, name, None) if te is not None else None
+            if enc is not None and key not in comps:
+                comps[key] = getattr(enc, "transformer", enc)
+        if "te1" not in comps and "te2" in comps:   # a single OpenCLIP-G encoder
+            comps["te1"] = comps.pop("te2")
+        return comps
+    comps = {"unet": sd_model.model.diffusion_model}
+    encoders = getattr(sd_model, "text_encoders", None)
+    if getattr(sd_model, "is_sd3", False) and encoders is not None:   # A1111 1.10 SD3: CLIP-L, CLIP-G, T5 (optional)
+        for key, name in (("te1", "clip_l"), ("te2", "clip_g"), ("te3", "t5xxl")):
+            enc = getattr(encoders, name, None)
+            if enc is not None:
+                comps[key] = getattr(enc, "transformer", enc)
+        return comps
+    conditioner = getattr(sd_model, "conditioner", None)
+    if conditioner is not None:   # SDXL: embedders 0 (CLIP-L, HF) and 1 (OpenCLIP-G)
+        encoders = [e for e in conditioner.embedders if hasattr(e, "wrapped") or hasattr(e, "transformer")
+                    or hasattr(e, "model")]
+        for key, emb in zip(("te1", "te2"), encoders):
+            comps[key] = _text_tower(getattr(emb, "wrapped", emb))
+    else:
+        cond = getattr(sd_model, "cond_stage_model", None)
+        if cond is not None:
+            comps["te1"] = _text_tower(getattr(cond, "wrapped", cond))
+    return {k: v for k, v in comps.items() if v is not None}
+
+
+def _text_tower(embedder):
+    """The HF CLIPTextModel (`.transformer`) or the OpenCLIP model (`.model`) inside an embedder."""
+    return getattr(embedder, "transformer", None) or getattr(embedder, "model", None)
+
+
+def model_arch(sd_model) -> str:
+    """The loaded model's family from the host's flags (cheap; `Host.family` asks the engine)."""
+    if sd_model is None:
+        return "unknown"
+    if getattr(sd_model, "is_sd3", False):
+        return "sd3"
+    if getattr(sd_model, "is_flux", False) or type(sd_model).__name__ == "Flux":
+        return "flux"
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    if getattr(sd_model, "is_sd1", False):
+        return "sd1"
+    return "unknown"
+
+
+# --------------------------------------------------------------------------------------------------
+# Process-wide state of the extension (one host process, one loaded model at a time)
+
+class Host:
+    """The runtime (name index + network cache), the patcher of the loaded model, the active batch."""
+
+    def __init__(self) -> None:
+        self._runtime: Optional[Runtime] = None
+        self._patcher: Optional[Patcher] = None
+        self._patcher_model = None
+        self.lock = threading.RLock()
+        self.activation = None             # the last Activation of this batch
+        self.steps = 1
+        self.hires = False
+        self.processing = None             # the batch's processing object (its sampler), until restore
+        self._families: dict = {}          # id(sd_model) -> (sd_model, family or None)
+
+    # --- folders and cache ------------------------------------------------------------------------
+    @staticmethod
+    def roots() -> list:
+        opts = getattr(shared, "cmd_opts", None)
+        roots = []
+        for attr in ("lora_dir", "lyco_dir_backcompat", "lyco_dir"):
+            d = getattr(opts, attr, None) if opts is not None else None
+            if d and d not in roots:
+                roots.append(d)
+        return roots
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            roots = self.roots()
+            for r in roots[:1]:
+                os.makedirs(r, exist_ok=True)
+            budget = int(_opt("lycoris_cache_mb", DEFAULT_CACHE_BYTES >> 20)) << 20
+            self._runtime = Runtime([r for r in roots if os.path.isdir(r)], cache_bytes=budget)
+        return self._runtime
+
+    def refresh(self) -> None:
+        self.runtime.refresh()
+        self.runtime.cache.budget = int(_opt("lycoris_cache_mb", DEFAULT_CACHE_BYTES >> 20)) << 20
+
+    def short_hash(self, path) -> Optional[str]:
+        """A1111's `shorthash` of a network file (the engine's `Runtime.short_hash`, cached per mtime)."""
+        return self.runtime.short_hash(path)
+
+    # --- the patcher of the loaded model --------------------------------------------------------
+    def patcher(self, sd_model) -> Patcher:
+        if self._patcher is None or self._patcher_model is not sd_model:
+            self._patcher = Patcher.from_components(model_components(sd_model), keep_backups=_keep_backups())
+            self._patcher_model = sd_model
+            log.info("patcher ready for %s (%s)", type(sd_model).__name__, self._patcher.modelmap.arch)
+        return self._patcher
+
+    def family(self, sd_model) -> Optional[str]:
+        """The engine's family of the loaded model ('sd1' .. 'flux'), None where the engine maps none of it
+        (the built-in Lora then handles the tags: `handback_reason`). Read once per model object."""
+        cached = self._families.get(id(sd_model))
+        if cached is not None and cached[0] is sd_model:
+            return cached[1]
+        try:
+            arch = ModelMap.from_components(model_components(sd_model)).arch
+        except (AttributeError, TypeError, KeyError) as e:   # a model class whose parts we don't know
+            log.info("no model map for %s: %s", type(sd_model).__name__, e)
+            arch = "unknown"
+        family = arch if arch in ARCHS else None
+        self._families = {id(sd_model): (sd_model, family)}
+        log.info("loaded model %s: %s", type(sd_model).__name__,
+                 f"{family}, networks applied by lycoris-loader" if family and family not in _handback_setting()
+                 else "networks handed to the host's built-in Lora")
+        return family
+
+    def handback_reason(self, sd_model) -> Optional[str]:
+        """Why this model's tags go to the host's built-in Lora (None: ours apply them)."""
+        family = self.family(sd_model)
+        if family is None:
+            return f"the engine has no model map for {type(sd_model).__name__}"
+        if family in _handback_setting():
+            return f"{family} is set to the built-in Lora (setting lycoris_handback_families)"
+        return None
+
+    def model_loaded(self, sd_model) -> None:
+        """A new checkpoint (or new weights in the same object): the old backups are stale, drop them."""
+        with self.lock:
+            self._patcher = None
+            self._patcher_model = None
+            self.activation = None
+            self.processing = None
+            self._families = {}
+        if sd_model is not None:
+            self.family(sd_model)   # one INFO line per model load: who applies its networks
+
+    def keep_backups_changed(self) -> None:
+        """The setting went off: free the kept backups now; either way it holds for the next apply."""
+        with self.lock:
+            if self._patcher is not None:
+                self._patcher.keep_backups = _keep_backups()
+                if self._patcher.keep_backups is False:
+                    log.info("freed %d MB of kept weight backups", self._patcher.release_backups() >> 20)
+
+    def restore(self) -> None:
+        with self.lock:
+            if self._patcher is not None:
+                self._patcher.restore()
+            self.activation = None
+            self.processing = None
+
+
+HOST = Host()
+
+
+def tag_name(entry) -> str:
+    """What a card inserts: the stem when no other file has it, else the sub-folder path."""
+    stems = [e.stem.casefold() for e in HOST.runtime.index.entries()]
+    return entry.stem if stems.count(entry.stem.casefold()) == 1 else entry.relname
