@@ -130,15 +130,18 @@ def _third(position: int, length: int) -> str:
 
 
 _DIT_IN = re.compile(r"^(x_embedder|pos_embed|context_embedder|t_embedder|y_embedder|img_in|txt_in|time_in|"
-                     r"vector_in|guidance_in)(?:[._]|$)")
-_DIT_BLOCK = re.compile(rf"^(joint_blocks|double_blocks|single_blocks){_SEP}(\d+)(?:{_SEP}|$)")
+                     r"vector_in|guidance_in|time_text_embed)(?:[._]|$)")
+_DIT_OUT = re.compile(rf"^(final_layer|proj_out|norm_out)(?:{_SEP}|$)")
+# Original names, and the diffusers ones (`inspect` sees file bodies in either style).
+_DIT_BLOCK = re.compile(rf"^(joint_blocks|double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)"
+                        rf"{_SEP}(\d+)(?:{_SEP}|$)")
 
 
 def _dit_block(path: str, arch: str, depth: tuple) -> Optional[str]:
     """Block id of a transformer module given by its original path (see module doc)."""
     if _DIT_IN.match(path):
         return BlockId("IN", "in")
-    if re.match(rf"^final_layer(?:{_SEP}|$)", path):
+    if _DIT_OUT.match(path):
         return BlockId("OUT", "out")
     m = _DIT_BLOCK.match(path)
     if m is None:
@@ -146,7 +149,7 @@ def _dit_block(path: str, arch: str, depth: tuple) -> Optional[str]:
     n = int(m.group(2))
     double = depth[0] if depth else (19 if arch == "flux" else 24)
     single = depth[1] if len(depth) > 1 else (38 if arch == "flux" else 0)
-    if m.group(1) == "single_blocks":
+    if m.group(1) in ("single_blocks", "single_transformer_blocks"):
         if n >= single:
             raise BlockMapError(f"single block {n} does not exist in this {arch} model", key=path)
         return BlockId(f"S{n:02d}", _third(double + n, double + single))

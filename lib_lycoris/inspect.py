@@ -65,6 +65,7 @@ def describe(network: Network, user_metadata: Optional[dict] = None) -> dict:
     comps: Counter = Counter()
     blocks: Counter = Counter()
     arch = network.base_model if network.base_model != "unknown" else "sd1"
+    variant = flux_variant(md, network.modules) if arch == "flux" else None
     for m in network.modules.values():
         comps[m.component] += 1
         r = m.adapter.rank()
@@ -88,6 +89,7 @@ def describe(network: Network, user_metadata: Optional[dict] = None) -> dict:
         "size_bytes": network.size,
         "base_model": network.base_model,
         "base_model_reason": network.base_model_reason,
+        "variant": variant,
         "modules": len(network.modules),
         "algos": dict(network.algos),
         "components": dict(comps),

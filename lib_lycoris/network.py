@@ -31,10 +31,19 @@ from .modelmap import ModelMap, Target
 
 log = logging.getLogger("lycoris")
 
-ARCHES = ("sd1", "sd2", "sdxl")
+ARCHES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 # Cross-attention context width (input of attn2.to_k) and text-encoder width per architecture.
 _CONTEXT_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl"}
-_PEFT_CONFIG_PREFIX = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
+_PEFT_CONFIG_PREFIX = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2", "te3": "text_encoder_3"}
+# diffusers' lora_adapter_metadata names a transformer denoiser `transformer`.
+_PEFT_DENOISER_PREFIXES = ("unet", "transformer")
+# Transformer blocks in module bodies (any key style): the family they belong to.
+_DIT_BODY = (
+    (re.compile(r"(^|_)(double_blocks|single_blocks|single_transformer_blocks)_\d+_"), "flux"),
+    (re.compile(r"(^|_)joint_blocks_\d+_"), "sd3"),
+)
+# Width of a transformer block (input of its attention projections): Flux 3072; SD3 64 × depth (24, 38).
+_DIT_WIDTH = {3072: "flux", 1536: "sd3", 2432: "sd3"}
 
 
 @dataclass(frozen=True)
@@ -114,9 +123,10 @@ def _peft_config(metadata: dict) -> dict:
         return {}
     out: dict = {}
     for comp, prefix in _PEFT_CONFIG_PREFIX.items():
-        sub = {k[len(prefix) + 1:]: v for k, v in meta.items() if k.startswith(prefix + ".")}
-        if sub:
-            out[comp] = sub
+        for pre in _PEFT_DENOISER_PREFIXES if comp == "unet" else (prefix,):
+            sub = {k[len(pre) + 1:]: v for k, v in meta.items() if k.startswith(pre + ".")}
+            if sub:
+                out[comp] = sub
     if not out and ("lora_alpha" in meta or "alpha" in meta):
         out = {c: meta for c in _PEFT_CONFIG_PREFIX}
     return out
@@ -226,15 +236,19 @@ def load_network(path: PathLike, name: Optional[str] = None) -> Network:
 # Base model detection (research syntax_features.md §9)
 
 def base_model_from_metadata(md: dict) -> Optional[tuple]:
-    """('sd1'|'sd2'|'sdxl', reason) from kohya / ModelSpec metadata alone, or None."""
+    """('sd1'|'sd2'|'sdxl'|'sd3'|'flux', reason) from kohya / ModelSpec metadata alone, or None."""
     v = md.get("ss_base_model_version", "")
+    arch = md.get("modelspec.architecture", "")
+    if v.startswith("flux") or arch.startswith("flux-1"):
+        return "flux", f"ss_base_model_version={v}" if v.startswith("flux") else f"modelspec.architecture={arch}"
+    if v.startswith("sd3") or arch.startswith("stable-diffusion-3"):
+        return "sd3", f"ss_base_model_version={v}" if v.startswith("sd3") else f"modelspec.architecture={arch}"
     if v.startswith("sdxl"):
         return "sdxl", f"ss_base_model_version={v}"
     if v.startswith("sd_v2"):
         return "sd2", f"ss_base_model_version={v}"
     if v.startswith("sd_v1"):
         return "sd1", f"ss_base_model_version={v}"
-    arch = md.get("modelspec.architecture", "")
     for prefix, a in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
                       ("stable-diffusion-v1", "sd1")):
         if arch.startswith(prefix):
@@ -244,8 +258,20 @@ def base_model_from_metadata(md: dict) -> Optional[tuple]:
     return None
 
 
+def flux_variant(metadata: dict, modules: dict) -> Optional[str]:
+    """'dev' | 'schnell' where the file says which (ModelSpec architecture, kohya's model name), or a
+    guidance-embedder module (Flux dev has one, schnell none); else None."""
+    arch = metadata.get("modelspec.architecture", "") + " " + metadata.get("ss_sd_model_name", "")
+    for v in ("schnell", "dev"):
+        if v in arch.lower():
+            return v
+    if any(re.search(r"guidance_(in|embedder)", m.body) for m in modules.values() if m.component == "unet"):
+        return "dev"
+    return None
+
+
 def base_model_of_file(path: PathLike) -> tuple:
-    """('sd1'|'sd2'|'sdxl'|'unknown', reason) from the safetensors header alone (metadata, key names and
+    """('sd1'|'sd2'|'sdxl'|'sd3'|'flux'|'unknown', reason) from the safetensors header alone (metadata, key names and
     shapes; no tensor is read): for the Networks tab badge. Pickles read nothing and say 'unknown'."""
     from .files import read_header
     header = read_header(path)
@@ -260,15 +286,40 @@ def base_model_of_file(path: PathLike) -> tuple:
             continue
         comps.add(parts.component)
         shape = info.get("shape", [])
+        if parts.component == "unet":
+            fam = _dit_family(parts.body, shape[1] if len(shape) == 2 and parts.suffix in _IN_SUFFIXES else None)
+            if fam:
+                return fam
         if parts.component == "unet" and re.search(r"attn2_to_[kv]$", parts.body) and len(shape) == 2 \
                 and parts.suffix in ("lora_down.weight", "hada_w1_b", "diff"):
             if shape[1] in _CONTEXT_DIM:
                 return _CONTEXT_DIM[shape[1]], f"cross-attention input width {shape[1]} ({parts.body})"
         if parts.component == "unet" and re.match(r"(input_blocks|output_blocks|middle_block)_", parts.body):
             return "sdxl", "UNet keys in SGM naming (kohya writes these for SDXL)"
+    if "te3" in comps:
+        return ("sd3", "has CLIP-G and T5 text encoders") if "te2" in comps else ("flux", "has a T5 text encoder only")
     if "te2" in comps:
         return "sdxl", "has a second text encoder (lora_te2_)"
     return "unknown", "no metadata and no telling key shape in the header"
+
+
+# Suffixes whose tensor's second dimension is the module's input width.
+_IN_SUFFIXES = ("lora_down.weight", "hada_w1_b", "diff")
+
+
+def _dit_family(body: str, width: Optional[int]) -> Optional[tuple]:
+    """(family, reason) of a transformer module body, from its block name, or from the block width of a
+    diffusers `transformer_blocks` attention projection (SD3 and Flux share those names)."""
+    for pattern, fam in _DIT_BODY:
+        if pattern.search(body):
+            return fam, f"{fam} transformer blocks ({body})"
+    m = re.search(r"(?:^|_)transformer_blocks_(\d+)_(?:attn_(?:to_[qkv]|add_[qkv]_proj)|ff_context|norm1_context)", body)
+    if m:
+        if int(m[1]) >= 19:
+            return "sd3", f"transformer block {m[1]} (Flux has 19 double blocks)"
+        if width in _DIT_WIDTH:
+            return _DIT_WIDTH[width], f"transformer width {width} ({body})"
+    return None
 
 
 def _input_width(adapter: Adapter) -> Optional[int]:
@@ -280,11 +331,18 @@ def _input_width(adapter: Adapter) -> Optional[int]:
 
 
 def detect_base_model(metadata: dict, modules: dict) -> tuple:
-    """('sd1'|'sd2'|'sdxl'|'unknown', reason): metadata first, then key names and shapes."""
+    """('sd1'|'sd2'|'sdxl'|'sd3'|'flux'|'unknown', reason): metadata first, then key names and shapes."""
     by_meta = base_model_from_metadata(metadata)
     if by_meta:
         return by_meta
     comps = {m.component for m in modules.values()}
+    for m in modules.values():
+        if m.component == "unet":
+            fam = _dit_family(m.body, _input_width(m.adapter))
+            if fam:
+                return fam
+    if "te3" in comps:
+        return ("sd3", "has CLIP-G and T5 text encoders") if "te2" in comps else ("flux", "has a T5 text encoder only")
     if "te2" in comps:
         return "sdxl", "has a second text encoder (lora_te2_)"
     for m in modules.values():
