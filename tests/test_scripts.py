@@ -411,3 +411,109 @@ def test_builtin_weights_restored_before_ours_write(glue, monkeypatch):
     assert rec.calls[-1] == ("activate", []) and layer.network_current_names == ()
     glue.mod.EXTRA_NETWORK.deactivate(p)
     assert _same(glue.tm.root, snap)
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults a long-running WebUI meets
+
+def test_failure_inside_apply_gives_an_image_without_networks(glue, monkeypatch):
+    """An out-of-memory error on the 10th weight: rolled back, the generation goes on at base, with a warning."""
+    import lib_lycoris.patcher as P
+    real, calls = P.write_weight, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 10:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real(*a, **k)
+    monkeypatch.setattr(P, "write_weight", flaky)
+    snap = _snapshot(glue.tm.root)
+    p = _p(glue.shared)
+    glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:1> <lyco:hat:1>"))
+    assert len(calls) >= 10 and _same(glue.tm.root, snap)
+    assert "out of memory" in p.extra_generation_params["Lora warnings"] and any("not applied" in c for c in p.comments)
+    glue.mod.EXTRA_NETWORK.deactivate(p)
+    monkeypatch.setattr(P, "write_weight", real)
+    glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:1>"))     # the next generation works
+    assert not _same(glue.tm.root, snap)
+    glue.mod.EXTRA_NETWORK.deactivate(p)
+    assert _same(glue.tm.root, snap)
+
+
+def test_interrupted_scheduled_generation_next_starts_from_base(glue):
+    """Interrupt/Skip mid-schedule, the host's deactivate never comes: the next activate starts from base."""
+    net = glue.mod.EXTRA_NETWORK
+    base = _snapshot(glue.tm.root)
+    p = _p(glue.shared, steps=6)
+    net.activate(p, _params(glue.en, "<lora:ink:0.2@1,1@3,0.5@5>"))
+    glue.mod.on_cfg_denoiser(SimpleNamespace(denoiser=SimpleNamespace(step=3, total_steps=6)))   # step 4: weight 1
+    assert not _same(glue.tm.root, base)
+    net.activate(_p(glue.shared), [])                                   # interrupted; next prompt has no tag
+    assert _same(glue.tm.root, base)
+    net.activate(_p(glue.shared), _params(glue.en, "<lora:ink:0.2>"))
+    first = _snapshot(glue.tm.root)
+    net.deactivate(p)
+    net.activate(_p(glue.shared, steps=6), _params(glue.en, "<lora:ink:0.2@1,1@3,0.5@5>"))   # step 1 = 0.2
+    assert _same(glue.tm.root, first)
+    net.deactivate(p)
+    assert _same(glue.tm.root, base)
+
+
+def test_checkpoint_switch_never_writes_a_stale_backup(glue):
+    """Backups kept, then the host loads another checkpoint's weights into the same model object: without
+    the tag the model is the new checkpoint bit for bit; with it, the new checkpoint + the network."""
+    net = glue.mod.EXTRA_NETWORK
+    p = _p(glue.shared)
+    net.activate(p, _params(glue.en, "<lora:ink:1>"))
+    net.deactivate(p)                                                      # backups kept (CPU model)
+    other = tiny_model("sd1", 7)
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(glue.tm.root.named_parameters(), other.root.named_parameters()):
+            a.copy_(b)
+    glue.mod.HOST.model_loaded(glue.shared.sd_model)                      # the host's on_model_loaded
+    new_base = _snapshot(glue.tm.root)
+    net.activate(p, [])
+    assert _same(glue.tm.root, new_base)
+    net.activate(p, _params(glue.en, "<lora:ink:1>"))
+    from lib_lycoris.network import load_network
+    from lib_lycoris.patcher import Patcher, Strength
+    Patcher(other.root).apply([(load_network(glue.dir / "ink.safetensors"), Strength(1.0))])
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(glue.tm.root.named_parameters(), other.root.named_parameters()))
+    net.deactivate(p)
+    assert _same(glue.tm.root, new_base)
+
+
+def test_checkpoint_switch_without_the_host_callback(glue):
+    """The same, when no model-loaded callback comes (the kept backups' own checks catch it)."""
+    net = glue.mod.EXTRA_NETWORK
+    p = _p(glue.shared)
+    net.activate(p, _params(glue.en, "<lora:ink:1>"))
+    net.deactivate(p)
+    other = tiny_model("sd1", 7)
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(glue.tm.root.named_parameters(), other.root.named_parameters()):
+            a.data.copy_(b)                       # behind autograd's back: only the samples can tell
+    new_base = _snapshot(glue.tm.root)
+    net.activate(p, _params(glue.en, "<lora:ink:1>"))
+    net.deactivate(p)
+    assert _same(glue.tm.root, new_base)
+
+
+def test_network_file_replaced_on_disk(glue):
+    """Same name, new content between two generations: the new content applies and the hash changes."""
+    net = glue.mod.EXTRA_NETWORK
+    p1 = _p(glue.shared)
+    net.activate(p1, _params(glue.en, "<lora:ink:1>"))
+    w1 = _snapshot(glue.tm.root)
+    net.deactivate(p1)
+    import os
+    path = glue.dir / "ink.safetensors"
+    st = os.stat(path)
+    make_network(path, glue.tm.root, "lora", seed=99)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    p2 = _p(glue.shared)
+    net.activate(p2, _params(glue.en, "<lora:ink:1>"))
+    assert not _same(glue.tm.root, w1)
+    assert p1.extra_generation_params["Lora hashes"] != p2.extra_generation_params["Lora hashes"]
+    assert p2.extra_generation_params["Lora hashes"] == f"ink: {addnet_hash(path)[:12]}"
+    net.deactivate(p2)

@@ -53,7 +53,12 @@ class ExtraNetworkLycoris(extra_networks.ExtraNetwork):
             self._hand_back(p, params_list, reason)
             return
         self._settle_builtin(p, sd_model)
-        act = self._apply(p, params_list, sd_model)
+        try:
+            act = self._apply(p, params_list, sd_model)
+        except Exception as e:   # out of memory, a host quirk: the image is made without the networks
+            log.exception("applying networks failed; generating without them")
+            self._give_up(p, e)
+            return
         if act is None or not act.failed or act.used or self.builtin is None:
             return
         readable = [req for req, e in act.failed if builtin_can_read(host, req.name)]
@@ -85,6 +90,21 @@ class ExtraNetworkLycoris(extra_networks.ExtraNetwork):
             _add_trigger_words(p, act)
             _install_cond_wrapper(p)
         return act
+
+    def _give_up(self, p, error: Exception) -> None:
+        """After a failure inside apply (the Patcher has rolled its writes back): the model at base, the
+        generation goes on without networks, and the image says so."""
+        try:
+            self.host.restore()
+        finally:
+            self.host.activation = None
+        text = f"networks not applied ({type(error).__name__}: {error}); the image is generated without them"
+        if hasattr(p, "comment"):
+            p.comment(text)
+        params = getattr(p, "extra_generation_params", None)
+        if params is not None:
+            params[INFOTEXT_WARNINGS] = self.host.runtime.public_text(text)[:INFOTEXT_WARNING_LIMIT].replace('"', "'")
+            params.pop(INFOTEXT_HASHES, None)
 
     def _hand_back(self, p, params_list, reason: str) -> None:
         """This generation's tags to the built-in handler, exactly as the host gave them to us."""

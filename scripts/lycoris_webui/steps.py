@@ -26,7 +26,10 @@ def on_cfg_denoiser(params) -> None:
     step = min(host.steps, int(calls * host.steps / max(int(expected), 1)) + 1)
     with host.lock:
         if host._patcher is not None and host.activation is act:
-            host._patcher.set_step(step, host.steps, host.hires)
+            try:
+                host._patcher.set_step(step, host.steps, host.hires)
+            except Exception:   # rolled back: the weights stay those of the previous step
+                log.exception("step %d: scheduled weights not moved; the previous step's stay", step)
 
 
 def splice_schedules(per_segment: list, ends: list) -> list:
