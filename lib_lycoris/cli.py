@@ -32,7 +32,8 @@ def _inspect(args: argparse.Namespace, out: TextIO) -> int:
         out.write("\n")
         return 0
     out.write(f"{info['name']}  ({info['file']}, {info['size_bytes']} bytes)\n")
-    out.write(f"base model: {info['base_model']}  ({info['base_model_reason']})\n")
+    variant = f" {info['variant']}" if info.get("variant") else ""
+    out.write(f"base model: {info['base_model']}{variant}  ({info['base_model_reason']})\n")
     out.write(f"modules: {info['modules']}  types: " + ", ".join(f"{k} {v}" for k, v in info["algos"].items()) + "\n")
     out.write("components: " + ", ".join(f"{k} {v}" for k, v in info["components"].items()) + "\n")
     out.write("ranks: " + (", ".join(f"{k} x{v}" for k, v in info["ranks"].items()) or "-") + "\n")
