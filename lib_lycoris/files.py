@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import pickle
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Union
@@ -34,6 +36,8 @@ MAX_HEADER = 100_000_000
 # safetensors dtype names -> bytes per element
 _DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+# torch.save's format since torch 1.6: a zip archive (a local file header comes first).
+_TORCH_ZIP_MAGIC = b"PK\x03\x04"
 _FLOAT_OK = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
 
 PathLike = Union[str, os.PathLike]
@@ -48,6 +52,27 @@ class RawFile:
     mtime: float = 0.0
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json `object_pairs_hook`: a dict, refusing a key given twice (Python keeps the last, safetensors may not)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _is_size(v) -> bool:
+    """A shape entry or offset: a non-negative int within u64, as safetensors reads it (`true` is no number)."""
+    return type(v) is int and 0 <= v < 2 ** 64
+
+
 def _read_header(path: Path, f) -> tuple:
     """(header dict, data start offset); raises NetworkFileError on any inconsistency."""
     size = os.fstat(f.fileno()).st_size
@@ -59,8 +84,13 @@ def _read_header(path: Path, f) -> tuple:
         raise NetworkFileError(f"safetensors header length {n} does not fit a {size}-byte file (truncated or "
                                "not safetensors)", file=str(path))
     try:
-        header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise NetworkFileError("safetensors header names the same key twice (which one holds?)", file=str(path),
+                               key=e.key) from e
+    except RecursionError as e:   # "[[[[...": the json module recurses once per level
+        raise NetworkFileError("safetensors header is nested too deeply to be a header", file=str(path)) from e
+    except ValueError as e:   # JSONDecodeError, UnicodeDecodeError, and numbers longer than int() takes
         raise NetworkFileError(f"safetensors header is not valid JSON ({e})", file=str(path)) from e
     if not isinstance(header, dict):
         raise NetworkFileError("safetensors header is not a JSON object", file=str(path))
@@ -74,12 +104,12 @@ def _read_header(path: Path, f) -> tuple:
         if not isinstance(info, dict):
             raise NetworkFileError("tensor entry is not an object", file=str(path), key=key)
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _DTYPE_SIZE:
+        if not isinstance(dtype, str) or dtype not in _DTYPE_SIZE:
             raise NetworkFileError(f"unknown dtype {dtype!r}", file=str(path), key=key)
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        if not (isinstance(shape, list) and all(_is_size(s) for s in shape)):
             raise NetworkFileError(f"bad shape {shape!r}", file=str(path), key=key)
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
-                and 0 <= offs[0] <= offs[1] <= data_len):
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_size(o) for o in offs)
+                and offs[0] <= offs[1] <= data_len):
             raise NetworkFileError(f"data offsets {offs!r} lie outside the {data_len}-byte data section "
                                    "(truncated file?)", file=str(path), key=key)
         numel = 1
@@ -126,15 +156,56 @@ def _load_safetensors(path: Path) -> tuple:
     return tensors, dict(header.get("__metadata__", {}))
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _check_torch_zip(path: Path) -> None:
+    """Refuse what would make torch.load allocate more than the file holds: the legacy (non-zip) format, and
+    zip records whose directory claims more bytes than the file has (both found by tests/test_fuzz.py)."""
+    with open(path, "rb") as f:
+        if f.read(len(_TORCH_ZIP_MAGIC)) != _TORCH_ZIP_MAGIC:
+            # The legacy format sizes each storage by a number in the pickle and allocates it before reading
+            # the data, so a 100-byte file can ask for terabytes. torch wrote it only before 1.6 (2020), before
+            # any LoRA for Stable Diffusion existed.
+            raise NetworkFileError("not a torch zip file (the legacy format of torch < 1.6 is not read: "
+                                   "re-save the file with torch.save, or convert it to safetensors)",
+                                   file=str(path))
+        size = os.fstat(f.fileno()).st_size
+        # Read through a map: zipfile reads as many bytes as the directory says, and a file object allocates
+        # them up front; a map returns only what the file has.
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            try:
+                with zipfile.ZipFile(view) as archive:   # type: ignore[arg-type]
+                    records = archive.infolist()
+            except (zipfile.BadZipFile, ValueError, OverflowError, struct.error, EOFError,
+                    NotImplementedError) as e:
+                raise NetworkFileError(f"not a readable torch file (damaged zip directory: {_first_line(e)})",
+                                       file=str(path)) from e
+    for r in records:
+        # torch.save stores records uncompressed; torch's reader allocates the size the directory gives.
+        if r.compress_type != zipfile.ZIP_STORED or r.file_size != r.compress_size \
+                or r.header_offset + r.file_size > size:
+            raise NetworkFileError(f"not a readable torch file (zip record claims {r.file_size} bytes at offset "
+                                   f"{r.header_offset} of a {size}-byte file)", file=str(path), key=r.filename)
+
+
 def _load_pickle(path: Path) -> tuple:
+    _check_torch_zip(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeFileError("pickle refused: it needs code to load, which is never run (convert it to "
-                              f"safetensors with a tool you trust). Detail: {str(e).splitlines()[0]}",
+                              f"safetensors with a tool you trust). Detail: {_first_line(e)}",
                               file=str(path)) from e
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise NetworkFileError(f"not a readable torch file ({str(e).splitlines()[0]})", file=str(path)) from e
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - see below
+        # torch's weights-only unpickler and zip reader raise whatever corrupt bytes trip (RuntimeError,
+        # EOFError, struct.error, IndexError, KeyError, UnicodeDecodeError, ... found by tests/test_fuzz.py);
+        # no code ran, so each one means the same thing: not a readable torch file.
+        raise NetworkFileError(f"not a readable torch file ({_first_line(e)})", file=str(path)) from e
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -180,10 +251,18 @@ def addnet_hash(path: PathLike) -> str:
     """sha256 hex of a safetensors file's bytes after its header (A1111 `Lora hashes`); whole file else."""
     path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if path.suffix.lower() in SAFETENSORS_EXT:
-            (n,) = struct.unpack("<Q", f.read(8))
-            f.seek(8 + n)
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            if path.suffix.lower() in SAFETENSORS_EXT:
+                raw = f.read(8)
+                size = os.fstat(f.fileno()).st_size
+                n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+                if not 0 <= n <= size - 8:
+                    raise NetworkFileError("cannot hash: the safetensors header length does not fit the file "
+                                           "(truncated or not safetensors)", file=str(path))
+                f.seek(8 + n)
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise NetworkFileError(f"cannot read file: {e.strerror or e}", file=str(path)) from e
     return h.hexdigest()

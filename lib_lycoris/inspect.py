@@ -12,7 +12,7 @@ from typing import Optional
 
 from .blocks import block_id, coarse_block
 from .errors import LycorisError
-from .network import Network
+from .network import Network, flux_variant
 
 # How many training tags the summary lists (A1111's metadata editor shows 24).
 TOP_TAGS = 24

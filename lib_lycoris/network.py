@@ -286,8 +286,9 @@ def base_model_of_file(path: PathLike) -> tuple:
             continue
         comps.add(parts.component)
         shape = info.get("shape", [])
-        if parts.component == "unet":
-            fam = _dit_family(parts.body, shape[1] if len(shape) == 2 and parts.suffix in _IN_SUFFIXES else None)
+        if parts.component == "unet" and len(shape) == 2:
+            widths = (shape[1],) if parts.suffix in _IN_SUFFIXES else (shape[0],) if parts.suffix in _OUT_SUFFIXES else ()
+            fam = _dit_family(parts.body, widths)
             if fam:
                 return fam
         if parts.component == "unet" and re.search(r"attn2_to_[kv]$", parts.body) and len(shape) == 2 \
@@ -305,20 +306,24 @@ def base_model_of_file(path: PathLike) -> tuple:
 
 # Suffixes whose tensor's second dimension is the module's input width.
 _IN_SUFFIXES = ("lora_down.weight", "hada_w1_b", "diff")
+# ... and whose first dimension is its output width.
+_OUT_SUFFIXES = ("lora_up.weight", "hada_w1_a")
 
 
-def _dit_family(body: str, width: Optional[int]) -> Optional[tuple]:
-    """(family, reason) of a transformer module body, from its block name, or from the block width of a
-    diffusers `transformer_blocks` attention projection (SD3 and Flux share those names)."""
+def _dit_family(body: str, widths: tuple = ()) -> Optional[tuple]:
+    """(family, reason) of a transformer module body, from its block name, or, for diffusers' root-level
+    `transformer_blocks` (SD3 and Flux share those names; UNets nest theirs in `attentions_N_`), from the
+    block index or the block width among `widths` (the module's input and output features)."""
     for pattern, fam in _DIT_BODY:
         if pattern.search(body):
             return fam, f"{fam} transformer blocks ({body})"
-    m = re.search(r"(?:^|_)transformer_blocks_(\d+)_(?:attn_(?:to_[qkv]|add_[qkv]_proj)|ff_context|norm1_context)", body)
+    m = re.match(r"^transformer_blocks_(\d+)_", body)
     if m:
         if int(m[1]) >= 19:
             return "sd3", f"transformer block {m[1]} (Flux has 19 double blocks)"
-        if width in _DIT_WIDTH:
-            return _DIT_WIDTH[width], f"transformer width {width} ({body})"
+        for w in widths:
+            if w in _DIT_WIDTH:
+                return _DIT_WIDTH[w], f"transformer width {w} ({body})"
     return None
 
 
@@ -338,7 +343,8 @@ def detect_base_model(metadata: dict, modules: dict) -> tuple:
     comps = {m.component for m in modules.values()}
     for m in modules.values():
         if m.component == "unet":
-            fam = _dit_family(m.body, _input_width(m.adapter))
+            out = m.adapter.out_features() if m.adapter.additive else -1
+            fam = _dit_family(m.body, (_input_width(m.adapter), out))
             if fam:
                 return fam
     if "te3" in comps:
@@ -430,8 +436,9 @@ def _split(mod: NetworkModule, group: tuple) -> tuple:
     model: ([(Target, row-sliced module), ...], None), or ([], reason) where the type's ΔW rows cannot be
     taken apart (see `Adapter.rows`)."""
     total = group[-1][1][1]
-    if mod.adapter.out_features() != total:
-        return [], (f"delta of {mod.algo} has {mod.adapter.out_features()} rows; the split weights "
+    out = mod.adapter.out_features()
+    if out > 0 and out != total:   # (IA3 answers -1: any number of rows)
+        return [], (f"delta of {mod.algo} has {out} rows; the split weights "
                     f"{', '.join(t.module for t, _ in group)} have {total}")
     parts = []
     for t, (start, stop) in group:

@@ -31,7 +31,6 @@ class IA3(Adapter):
               f"IA3 weight {tuple(w.shape)} must be a vector")
         return cls(w=w, on_input=on_input)
 
-
     def out_features(self) -> int:
         return -1  # any: `fits` checks the channel axis instead
 
@@ -40,6 +39,10 @@ class IA3(Adapter):
 
     def fits(self, shape: tuple) -> bool:
         return len(shape) >= 2 and shape[1 if self.on_input else 0] == self.w.numel()
+
+    def rows(self, start: int, stop: int) -> "IA3":
+        """ΔW rows [start, stop): the output scales of those rows; an input-side scale acts on every row."""
+        return self if self.on_input else IA3(w=self.w.reshape(-1)[start:stop], on_input=False)
 
     def delta(self, base: Tensor) -> Tensor:
         w = f32(self.w, base.device).reshape(-1)
