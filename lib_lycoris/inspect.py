@@ -95,8 +95,10 @@ def describe(network: Network, user_metadata: Optional[dict] = None) -> dict:
         "components": dict(comps),
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
         "alphas": {str(k): v for k, v in alphas.items()},
-        "blocks": dict(sorted(blocks.items())),
-        "coarse_blocks": dict(coarse),
+        # str(): block ids of transformers are `BlockId` (a str subclass), which orjson (A1111's API
+        # responses) refuses as a dict key ("Dict key must be str")
+        "blocks": {str(k): v for k, v in sorted(blocks.items())},
+        "coarse_blocks": {str(k): v for k, v in coarse.items()},
         "trigger_words": trigger_words(md, user_metadata),
         "training_tags": training_tags(md),
         "output_name": md.get("ss_output_name"),

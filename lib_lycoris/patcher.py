@@ -35,10 +35,44 @@ into two reused scratch buffers (+ 2 × the largest touched weight in float32).
 Modes per network: 'merge' writes weights; 'bypass' adds m·s·h(x) to the module's output with a removable
 forward hook (no weight written; for networks whose multiplier changes every step, or quantized weights).
 A multiplier of exactly 0 switches a network off on a weight (also for DoRA, whose LyCORIS formula
-would otherwise leave W + s·ΔW at m = 0).
+would otherwise leave W + s·ΔW at m = 0). The hook computes in the input's dtype and adds in the output's;
+a LoRA's strength is folded into its small `up` factor, and the ΔW of the other types is cached once per
+network (times m in the forward where W' − W is linear in m), so a scheduled multiplier costs no rewrite.
+
+Low-bit weights (`lowbit_of`): float8 storage (A1111's "FP8 weight", Forge's fp8), tensor subclasses
+(bitsandbytes `Params4bit`, Forge's `ParameterGGUF`, ComfyUI-GGUF's `GGMLTensor`, any other) and any
+dtype the write path does not round into (uint8/int8 packed storage). `write_weight` would round
+backup + ΔW to nearest there (in e4m3 that misses a ΔW of 3.5 % of ‖W‖ by 60–90 % of its norm at SDXL's
+shapes; bench/lowbit.py) or write garbage into packed bits, so those weights are never written that way.
+Per weight, whatever the mode asked:
+- lowbit='bypass' (default): the forward hook above; the stored weights are never touched (restore has
+  nothing to undo, nothing is re-quantised), networks stack exactly, a schedule costs nothing. Costs: per
+  forward, two thin GEMMs per LoRA (r·(1/in + 1/out) of the layer's FLOPs: 2.5–5 % at rank 16 on SDXL's
+  widths; bench/lowbit.py) and its factors in the compute dtype; for the other types, one cached ΔW per
+  network in the compute dtype (full size: the memory a merge would not need), made from a float32
+  copy of the dequantised weight where the type reads it (DoRA, OFT/BOFT, IA3, GLoRA): `w.float()`
+  for fp8; for a subclass its `dequantize()` or `dequantize_as_pytorch_parameter()` method, or the
+  Patcher's `dequantize` callable (the host's own, e.g. bitsandbytes' `dequantize_4bit` for Params4bit,
+  which has no such method); with none of these, those modules are skipped with the reason in
+  `ApplyStats.skipped` / `warnings()` (LoRA, LoHa, LoKr and full diffs never need the weight).
+- lowbit='stochastic' (fp8 only, networks in 'merge' mode): W' is computed in float32 from the fp8 backup
+  and rounded up or down at random with the probabilities that make E[W'] = W + ΔW (`stochastic_round`,
+  as ComfyUI's `comfy/float.py` does), seeded per weight from its name and `lowbit_seed`, so an image is
+  reproducible (on one device type). Costs: the backup (fp8 bits, so restore stays bit-exact) and a
+  rewrite on each strength change, like any merge; keeps the plain forward speed. Unbiased, not exact:
+  each weight carries zero-mean noise of up to one fp8 step, which for a ΔW of 3.5 % of ‖W‖ in e4m3 is
+  as large as ΔW itself (bench/lowbit.py). Networks in 'bypass' mode and other low-bit weights stay in
+  bypass.
+A low-bit weight whose module the hook cannot reach (a norm; MultiheadAttention's out_proj, whose weight
+MHA reads without calling its forward, so a float one there is merged even in 'bypass' mode) is skipped
+with its reason. A mixed model thus merges its float weights and bypasses
+its low-bit ones in one apply, and nothing here raises because a weight is low-bit: problems are reported
+(`ApplyStats.warnings()`, and `runtime_warnings` for a dequantiser failing inside a forward, which drops
+that network on that module and logs one WARNING).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -58,6 +92,112 @@ Tensor = torch.Tensor
 MODES = ("merge", "bypass")
 BACKUPS = ("device", "cpu")
 COMPUTES = ("float32", "weight")
+LOWBITS = ("bypass", "stochastic")
+
+# The dtypes `write_weight` rounds into correctly (one rounding from float32); any other is low-bit.
+WRITABLE_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
+# Sign-magnitude float8 formats: `w.float()` dequantises them and `stochastic_round` works on their codes.
+FP8_DTYPES = frozenset(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                                   "float8_e5m2fnuz") if hasattr(torch, n))
+# Methods a quantised tensor subclass offers for a float copy of itself (Forge's ParameterGGUF has the second).
+DEQUANTIZE_METHODS = ("dequantize", "dequantize_as_pytorch_parameter")
+# Exceptions a host's dequantiser may raise inside a forward: caught there, reported, that network dropped.
+DEQUANTIZE_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError)
+
+
+@dataclass(frozen=True)
+class LowBit:
+    """Why a weight is not written by `write_weight`, and whether a float copy of it can be had."""
+
+    kind: str                  # 'fp8' | 'subclass' (a tensor subclass) | 'packed' (an integer or other dtype)
+    label: str                 # for reports: 'float8_e4m3fn', 'Params4bit (torch.uint8 storage)', ...
+    dequantizable: bool        # `dequantized` can give its float32 value
+
+
+def _dequantize_method(t: Tensor) -> Optional[Callable[[], Tensor]]:
+    """A subclass's own dequantiser (torch.Tensor.dequantize itself is for torch's quantized dtypes)."""
+    for name in DEQUANTIZE_METHODS:
+        impl = getattr(type(t), name, None)
+        if impl is not None and impl is not getattr(torch.Tensor, name, None):
+            return getattr(t, name)
+    return None
+
+
+def lowbit_of(t: Tensor, dequantize: Optional[Callable[[Tensor], Tensor]] = None) -> Optional[LowBit]:
+    """None for a plain tensor of a dtype `write_weight` handles; else what makes `t` low-bit.
+
+    dequantize: the host's dequantiser for subclasses and packed dtypes (see `Patcher`)."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return LowBit("subclass", f"{type(t).__name__} ({t.dtype} storage)",
+                      dequantize is not None or _dequantize_method(t) is not None)
+    if t.dtype in WRITABLE_DTYPES:
+        return None
+    if t.dtype in FP8_DTYPES:
+        return LowBit("fp8", str(t.dtype).replace("torch.", ""), True)
+    return LowBit("packed", f"{t.dtype} storage", dequantize is not None)
+
+
+def logical_shape(t: Tensor) -> tuple:
+    """The shape a weight has for the model: bitsandbytes' Params4bit stores packed (n/2, 1) bytes and keeps
+    the real shape in `quant_state.shape`; GGUF subclasses override `shape` themselves."""
+    qs = getattr(t, "quant_state", None)
+    shape = getattr(qs, "shape", None) if qs is not None else None
+    return tuple(shape) if shape is not None else tuple(t.shape)
+
+
+def dequantized(t: Tensor, device: torch.device, dequantize: Optional[Callable[[Tensor], Tensor]] = None
+                ) -> Optional[Tensor]:
+    """A float32 copy of the low-bit weight `t` in its logical shape on `device` (None: no way to get one)."""
+    lb = lowbit_of(t, dequantize)
+    if lb is None or lb.kind == "fp8":
+        out = t.detach().to(device).float()
+    else:
+        method = _dequantize_method(t) if lb.kind == "subclass" else None
+        if dequantize is not None:
+            out = dequantize(t)
+        elif method is not None:
+            out = method()
+        else:
+            return None
+        if type(out) is not torch.Tensor:
+            out = out.detach().as_subclass(torch.Tensor)
+        out = out.to(device=device, dtype=torch.float32)
+    return out.reshape(logical_shape(t))
+
+
+def weight_seed(name: str, seed: int) -> int:
+    """The stochastic-rounding seed of one weight: a stable hash of (user seed, weight name), not Python's
+    per-process `hash`, so the same image comes out in another session."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def stochastic_round(x: Tensor, dtype: torch.dtype, seed: int) -> Tensor:
+    """x (float32) in the float8 `dtype`, rounded to one of its two neighbours q0 (nearest) and q1 at random,
+    to q1 with probability (x − q0)/(q1 − q0), so that E[result] = x (unbiased; values beyond the format's
+    range are clamped to ±max first). The same x and seed give the same bits on one device type.
+
+    The codes of these formats are sign-magnitude, so q1 is the code whose magnitude bits are one more (x
+    beyond q0) or one less (x inside q0) than q0's, with x's sign; magnitude 0 is +0 (fnuz formats have no
+    −0). Follows the idea of ComfyUI `comfy/float.py` (stochastic_rounding), on the codes instead of
+    re-deriving exponent and mantissa.
+    """
+    if dtype not in FP8_DTYPES:
+        raise ValueError(f"stochastic rounding covers {sorted(str(d) for d in FP8_DTYPES)}, not {dtype}")
+    fmax = torch.finfo(dtype).max
+    x = x.float().clamp(-fmax, fmax)
+    near = x.to(dtype)
+    q0 = near.float()
+    code = near.view(torch.uint8).to(torch.int16)
+    away = x.abs() > q0.abs()                                         # q1 has the larger magnitude
+    mag = ((code & 0x7F) + torch.where(away, 1, -1)).clamp_(min=0)    # x == q0 == 0: never picked (p = 0)
+    sign = torch.where(x < 0, 0x80, 0).to(torch.int16)
+    other = torch.where(mag == 0, 0, sign | mag)
+    q1 = other.to(torch.uint8).view(dtype).float()
+    p = (x - q0) / (q1 - q0)                                         # in [0, 1/2]; 0 where x is a code
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    u = torch.rand(x.shape, generator=gen, device=x.device)
+    return torch.where(u < p, other, code).to(torch.uint8).view(dtype)
 
 
 class WeightRequest(Protocol):
@@ -101,6 +241,7 @@ class _Slot:
     param: Tensor              # the live full parameter (its .data is written)
     bias_param: Optional[Tensor]
     group: tuple               # (component, block) for multiplier lookup
+    lowbit: Optional[LowBit] = None            # set: never written by plain rounding (module doc)
     backup: Optional[Tensor] = None            # a copy of the original bits
     bias_backup: Optional[Tensor] = None
     contribs: dict = field(default_factory=dict)    # (active key, module body) -> Contribution
@@ -163,11 +304,26 @@ class ApplyStats:
     bind_s: float = 0.0
     write_s: float = 0.0
     reports: list = field(default_factory=list)
+    lowbit_bypass: int = 0     # low-bit weights reached through forward hooks (never written)
+    lowbit_stochastic: int = 0  # fp8 weights merged with stochastic rounding (lowbit='stochastic')
+    skipped: list = field(default_factory=list)    # (network name, weight name, reason): not applied there
 
     def line(self) -> str:
-        return (f"applied {self.networks} network(s): {self.slots_written} weights written; "
-                f"load {self.load_s * 1e3:.1f} ms, bind {self.bind_s * 1e3:.1f} ms, "
-                f"compute+write {self.write_s * 1e3:.1f} ms")
+        s = (f"applied {self.networks} network(s): {self.slots_written} weights written; "
+             f"load {self.load_s * 1e3:.1f} ms, bind {self.bind_s * 1e3:.1f} ms, "
+             f"compute+write {self.write_s * 1e3:.1f} ms")
+        if self.lowbit_bypass or self.lowbit_stochastic:
+            s += (f"; low-bit weights: {self.lowbit_bypass} in bypass, "
+                  f"{self.lowbit_stochastic} merged with stochastic rounding")
+        return s
+
+    def warnings(self) -> list:
+        """One line per network and reason for the modules it could not act on (low-bit weights)."""
+        groups: dict = {}
+        for network, weight, reason in self.skipped:
+            groups.setdefault((network, reason), []).append(weight)
+        return [f"{network}: {len(ws)} module(s) not applied ({reason}; e.g. {ws[0]})"
+                for (network, reason), ws in groups.items()]
 
 
 class Patcher:
@@ -176,19 +332,32 @@ class Patcher:
     def __init__(self, model: torch.nn.Module, *, modelmap: Optional[ModelMap] = None,
                  backup: str = "device", compute: str = "float32", keep_backups: Optional[bool] = None,
                  named_params: Optional[Mapping[str, Tensor]] = None,
-                 modules: Optional[Mapping[str, torch.nn.Module]] = None) -> None:
+                 modules: Optional[Mapping[str, torch.nn.Module]] = None,
+                 lowbit: str = "bypass", lowbit_seed: int = 0,
+                 dequantize: Optional[Callable[[Tensor], Tensor]] = None) -> None:
         """Args: model: the root module (names as in `modelmap`); backup: 'device' | 'cpu' (see module
         doc); compute: 'float32' (deltas in float32, one rounding to the weight's dtype) or 'weight' (LoRA
         GEMMs in the weight's dtype with float32 accumulation: one pass fewer for fp16/bf16 weights);
         keep_backups: keep weight backups after `restore` for the next apply (None: where the backup
-        is in host memory, i.e. on CPU or with backup='cpu')."""
+        is in host memory, i.e. on CPU or with backup='cpu'); lowbit: what networks in 'merge' mode do on
+        fp8 weights, 'bypass' (exact) or 'stochastic' (merged with stochastic rounding; see module doc);
+        lowbit_seed: the user part of the per-weight rounding seed (weights written after a change use
+        the new one); dequantize: the host's dequantiser, tensor -> float tensor of the logical shape, for
+        low-bit subclasses without a `dequantize()` method (only called where a type needs the weight)."""
         if backup not in BACKUPS:
             raise ValueError(f"backup must be one of {BACKUPS}")
         if compute not in COMPUTES:
             raise ValueError(f"compute must be one of {COMPUTES}")
+        if lowbit not in LOWBITS:
+            raise ValueError(f"lowbit must be one of {LOWBITS}")
         self.compute = compute
+        self.lowbit = lowbit
+        self.lowbit_seed = lowbit_seed
+        self.dequantize = dequantize
         self.model = model
-        self.modelmap = modelmap or ModelMap.from_module(model)
+        # logical shapes: a packed 4-bit weight must bind by the shape its module computes with
+        self.modelmap = modelmap or ModelMap.from_state_dict(
+            {n: logical_shape(p) for n, p in model.named_parameters()})
         self.backup_where = backup
         self._params = dict(named_params) if named_params is not None else dict(model.named_parameters())
         self._modules = dict(modules) if modules is not None else dict(model.named_modules())
@@ -199,6 +368,9 @@ class Patcher:
         self._kept: dict = {}              # weight name -> _Kept, backups kept after restore
         self._work: dict = {}              # device -> two flat float32 scratch buffers
         self.keep_backups = keep_backups
+        self._skipped: list = []           # (network name, weight, reason) found by the last _sync
+        self.runtime_warnings: list = []   # problems met inside forwards (a dequantiser failing): hosts read
+                                           # them after a generation and may clear the list
         self.step = 1
         self.total = 1
         self.hires = False
@@ -209,7 +381,8 @@ class Patcher:
         root = torch.nn.Module()
         for name, m in components.items():
             root.add_module(name, m)
-        return cls(root, modelmap=ModelMap.from_components(components), **kw)
+        shapes = {f"{c}.{n}": logical_shape(p) for c, m in components.items() for n, p in m.named_parameters()}
+        return cls(root, modelmap=ModelMap(shapes, {c: f"{c}." for c in components}), **kw)
 
     # --- public API ------------------------------------------------------------------------------
     def prepare(self, network: Network) -> LoadReport:
@@ -250,6 +423,9 @@ class Patcher:
         self._set_active(wanted)
         stats.slots_written = self._sync()
         stats.write_s = time.perf_counter() - t1
+        stats.skipped = list(self._skipped)
+        stats.lowbit_bypass = sum(1 for k, h in self._hooks.items() if h.items and h.slot.lowbit is not None)
+        stats.lowbit_stochastic = sum(1 for s in self._slots.values() if s.applied and s.lowbit is not None)
         log.info("%s", stats.line())
         return stats
 
@@ -323,9 +499,10 @@ class Patcher:
             param = self._params[target.weight]
             bias = self._params.get(target.bias) if target.bias else None
             block = _block_of(target, self.modelmap)
-            whole = replace(target, rows=None, swap=False, shape=tuple(param.shape)) \
+            whole = replace(target, rows=None, swap=False, shape=logical_shape(param)) \
                 if target.rows is not None or target.swap else target
-            slot = _Slot(target=whole, param=param, bias_param=bias, group=(target.component, block))
+            slot = _Slot(target=whole, param=param, bias_param=bias, group=(target.component, block),
+                         lowbit=lowbit_of(param, self.dequantize))
             self._slots[k] = slot
         return slot
 
@@ -346,17 +523,19 @@ class Patcher:
         """Bring every slot to the state the active networks want now; returns slots written."""
         mult = self._multipliers()
         plan = []
+        self._skipped = []
         for slot in self._slots.values():
             merge_items, bypass_items = [], []
             for key, c in slot.contribs.items():
                 act = self._active[key[0]]
+                route, why = self._route(slot, act.mode, c)
+                if route == "skip":        # decided before the multiplier, so apply reports it at any step
+                    self._skipped.append((act.network.name, slot.target.weight, why))
+                    continue
                 m = mult(key, slot.group)
                 if m == 0.0:
                     continue
-                if act.mode == "bypass" and self._can_bypass(slot):
-                    bypass_items.append((key, m))
-                else:
-                    merge_items.append((key, m))
+                (bypass_items if route == "bypass" else merge_items).append((key, m))
             self._set_bypass(slot, tuple(bypass_items))
             want = tuple(merge_items)
             if want != slot.applied:
@@ -379,11 +558,35 @@ class Patcher:
         self._drop_idle_slots()
         return len(plan)
 
+    def _route(self, slot: _Slot, mode: str, c) -> tuple:
+        """('merge' | 'bypass' | 'skip', reason where skipped) for one contribution on a slot."""
+        lb = slot.lowbit
+        if lb is None:
+            return ("bypass" if mode == "bypass" and self._can_bypass(slot) else "merge"), None
+        if lb.kind == "fp8" and self.lowbit == "stochastic" and mode == "merge":
+            return "merge", None
+        if not self._can_bypass(slot):
+            module = type(self._modules.get(slot.target.module)).__name__
+            return "skip", f"{lb.label} weight in a {module}, which a forward hook cannot reach"
+        if _needs_weight(c) and not lb.dequantizable:
+            what = f"{c.adapter.algo} with DoRA" if c.dora_scale is not None else c.adapter.algo
+            return "skip", (f"{what} needs the weight for its ΔW and a {lb.label} weight has no dequantize() "
+                            f"(the host can pass Patcher(dequantize=...))")
+        return "bypass", None
+
     def _can_bypass(self, slot: _Slot) -> bool:
-        """Forward hooks cover Linear and Conv2d (a contribution on some rows adds zero to the others); other
-        weights (norms, OpenCLIP's fused in_proj) are merged."""
+        """Forward hooks cover Linear and Conv2d (a contribution on some rows adds zero to the others), and a
+        host's own quantised Linear (Forge's bitsandbytes and GGUF layers subclass nn.Module only) where the
+        weight is low-bit and 2-D; other weights (norms, OpenCLIP's fused in_proj) are merged. Not
+        MultiheadAttention's out_proj: MHA reads its weight directly and never calls its forward."""
         module = self._modules.get(slot.target.module)
-        return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and module.weight is slot.param
+        if module is None or getattr(module, "weight", None) is not slot.param or \
+                isinstance(module, torch.nn.modules.linear.NonDynamicallyQuantizableLinear):
+            return False
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            return True
+        return slot.lowbit is not None and len(slot.target.shape) == 2 and \
+            not type(module).__module__.startswith("torch.")
 
     def _copy_out(self, t: Tensor) -> Tensor:
         """A backup copy of `t`: pinned host memory with backup='cpu' on an accelerator, else beside it."""
@@ -429,6 +632,9 @@ class Patcher:
         """Weight (and bias) := pure function of backup and items (see module doc and `write_weight`)."""
         if not items and slot.backup is None:
             return                                 # never written: the original is in place
+        if slot.lowbit is not None:
+            self._write_stochastic(slot, items)    # `_route` merges no other low-bit weight
+            return
         self._ensure_backup(slot)
         w = slot.view()
         dev = w.device
@@ -444,6 +650,37 @@ class Patcher:
                 if any(c.bias_delta is not None for c, _ in contribs):
                     bias = merged_bias(bias, contribs)
                 slot.bias_view().copy_(bias)
+
+    def _write_stochastic(self, slot: _Slot, items: tuple) -> None:
+        """An fp8 weight := stochastic_round(float32(backup) + Σ ΔW), seeded per weight (module doc); the
+        bias, if a network changes it and it is fp8 too, likewise. No items: the backup's bits."""
+        self._ensure_backup(slot)
+        w = slot.view()
+        dev = w.device
+        with torch.no_grad():
+            terms = [(slot.contribs[k], m, self._factors(slot, k, dev, torch.float32)) for k, m in items]
+            if not terms:
+                w.copy_(slot.backup.to(dev))
+            else:
+                base32 = slot.backup.to(dev).float()
+                acc = torch.empty(w.shape, dtype=torch.float32, device=dev)
+                write_weight(acc, base32, terms, "float32", holds_base=False, scratch=self._scratch)
+                w.copy_(stochastic_round(acc, w.dtype, weight_seed(slot.target.weight, self.lowbit_seed)))
+            if slot.bias_backup is not None:
+                bias = merged_bias(slot.bias_backup.to(dev), [(c, m) for c, m, _ in terms])
+                b = slot.bias_view()
+                if b.dtype in FP8_DTYPES:
+                    bias = stochastic_round(bias, b.dtype, weight_seed(slot.target.bias or "", self.lowbit_seed))
+                b.copy_(bias)
+
+    def _weight32(self, slot: _Slot, device: torch.device) -> Optional[Tensor]:
+        """The float32 original weight for a bypass ΔW; a low-bit one dequantised from the module's weight now
+        (Forge swaps in a new parameter object when it moves a quantised layer); None: not to be had."""
+        if slot.lowbit is None:
+            src = slot.backup if slot.backup is not None else slot.view()
+            return src.to(device).float()
+        current = getattr(self._modules.get(slot.target.module), "weight", None)
+        return dequantized(current if isinstance(current, torch.Tensor) else slot.param, device, self.dequantize)
 
     def _drop_idle_slots(self) -> None:
         for k in [k for k, s in self._slots.items() if not s.contribs and not s.applied]:
@@ -463,7 +700,7 @@ class Patcher:
                 hook.items = ()
             return
         if hook is None:
-            hook = _BypassHook(self._modules[name], slot)
+            hook = _BypassHook(self._modules[name], slot, self._weight32, lambda msg: self.runtime_warnings.append(msg))
             self._hooks[name] = hook
         new = tuple((slot.contribs[k], m) for k, m in items)
         if {id(c) for c, _ in new} != {id(c) for c, _ in hook.items}:
@@ -559,15 +796,29 @@ def _block_of(target: Target, modelmap: ModelMap) -> Optional[str]:
         return None
 
 
-class _BypassHook:
-    """Forward hook: y + Σ m·s·h(x); LoRA as down/up ops, other types through their ΔW(m) (cached)."""
+def _needs_weight(c) -> bool:
+    """Whether a contribution's W'(m) − W reads the original weight (DoRA, rotations, IA3, GLoRA)."""
+    return (not c.adapter.additive) or c.adapter.needs_base or c.dora_scale is not None
 
-    def __init__(self, module: torch.nn.Module, slot: _Slot) -> None:
+
+class _BypassHook:
+    """Forward hook: y + Σ m·s·h(x) in the input's dtype, added in the output's; LoRA as down/up ops, other
+    types through their ΔW (cached: once per network where W' − W is linear in m, else once per m).
+
+    weight32(slot, device): the float32 original weight (dequantised for low-bit weights) or None;
+    report(text): where a failure met inside a forward goes (the network is then dropped on this module).
+    """
+
+    def __init__(self, module: torch.nn.Module, slot: _Slot,
+                 weight32: Callable[[_Slot, torch.device], Optional[Tensor]], report: Callable[[str], None]) -> None:
         self.module = module
         self.slot = slot
+        self.weight32 = weight32
+        self.report = report
         self.items: tuple = ()
         self._delta_cache: dict = {}
         self._lr_cache: dict = {}
+        self._failed: set = set()     # id(contribution) whose ΔW could not be made here
         self.handle = module.register_forward_hook(self._hook)
 
     def remove(self) -> None:
@@ -576,6 +827,7 @@ class _BypassHook:
     def clear_caches(self) -> None:
         self._lr_cache.clear()
         self._delta_cache.clear()
+        self._failed.clear()
 
     def _factors(self, c, x: Tensor) -> Optional[tuple]:
         """LoRA (up, down) shaped for the module's op, in the input's dtype and device; cached."""
@@ -585,11 +837,28 @@ class _BypassHook:
             if low is not None:
                 up, down = low
                 if isinstance(self.module, torch.nn.Conv2d):
-                    down = down.reshape(down.shape[0], *self.module.weight.shape[1:])
+                    # (r, in·kh·kw) -> (r, in, kh, kw); (out, r) -> (out, r, 1, 1): the weight's logical shape
+                    down = down.reshape(down.shape[0], *self.slot.target.shape[1:])
                     up = up.reshape(up.shape[0], up.shape[1], 1, 1)
                 low = (up.to(x.dtype), down.to(x.dtype))
             self._lr_cache[k] = low
         return self._lr_cache[k]
+
+    def _delta(self, c, m: float, x: Tensor) -> Optional[tuple]:
+        """(ΔW in x's dtype, factor to scale the op's output by); ΔW(m) for types not linear in m."""
+        linear = c.linear_in_strength
+        key = (None if linear else m, x.dtype, x.device)
+        cached = self._delta_cache.get(id(c))
+        if cached is None or cached[0] != key:
+            base = self.weight32(self.slot, x.device) if _needs_weight(c) else None
+            if base is None:
+                if _needs_weight(c):
+                    raise NotImplementedError(f"no float copy of the {self.slot.lowbit.label} weight")
+                base = torch.zeros(self.slot.target.shape, dtype=torch.float32, device=x.device)
+            d = c.weight_delta(base, 1.0 if linear else m)
+            cached = (key, None if d is None else d.to(x.dtype))
+            self._delta_cache[id(c)] = cached
+        return None if cached[1] is None else (cached[1], m if linear else 1.0)
 
     def _op(self, x: Tensor, weight: Tensor) -> Tensor:
         """The module's own op with another weight (hooks exist on Linear and Conv2d only: `_can_bypass`)."""
@@ -604,6 +873,8 @@ class _BypassHook:
         x = args[0]
         extra = None
         for c, m in self.items:
+            if id(c) in self._failed:
+                continue
             low = self._factors(c, x)
             if low is not None:
                 up, down = low
@@ -614,16 +885,26 @@ class _BypassHook:
                 else:
                     y = F.linear(F.linear(x, down), up)
             else:
-                # one cached ΔW(m) per network, in the input's dtype; recomputed when m changes
-                key = (m, x.dtype, x.device)
-                cached = self._delta_cache.get(id(c))
-                if cached is None or cached[0] != key:
-                    src = self.slot.backup if self.slot.backup is not None else self.slot.view()
-                    cached = (key, c.weight_delta(src.to(x.device).float(), m).to(x.dtype))
-                    self._delta_cache[id(c)] = cached
-                y = self._op(x, cached[1])
-                b = c.bias_change(self.slot.bias_param.data, m) if self.slot.bias_param is not None else None
+                try:
+                    got = self._delta(c, m, x)
+                except DEQUANTIZE_ERRORS as e:   # a host's dequantiser inside a forward: report, never raise
+                    if self.slot.lowbit is None:
+                        raise
+                    self._failed.add(id(c))
+                    msg = f"{self.slot.target.weight}: {c.adapter.algo} dropped in bypass: {e}"
+                    log.warning("%s", msg)
+                    self.report(msg)
+                    continue
+                if got is None:
+                    continue
+                y = self._op(x, got[0])
+                if got[1] != 1.0:
+                    y = y * got[1]
+            if self.slot.bias_param is not None:
+                b = c.bias_change(self.slot.bias_param.data, m)
                 if b is not None:
                     y = y + (b.reshape(1, -1, 1, 1) if y.dim() == 4 else b).to(y.dtype)
             extra = y if extra is None else extra + y
-        return output + extra
+        if extra is None:
+            return output
+        return output + extra.to(output.dtype)

@@ -212,6 +212,9 @@ class Runtime:
             items.append((net, req, mode))
             act.used.append((req, net))
         act.stats = patcher.apply(items, step=step, total=steps, hires=hires, load_s=load_s)
+        warn = getattr(act.stats, "warnings", None)   # modules a network could not act on (low-bit weights)
+        if callable(warn):
+            act.warnings += warn()
         act.hashes = [(req.name, h) for req, net in act.used if (h := self.short_hash(net.path))]
         act.te_segments = te_segments(act.requests, steps, hires)
         for w in act.warnings:     # logged here, once; hosts show them (UI, infotext) without logging again

@@ -61,6 +61,12 @@ def on_ui_settings() -> None:
             "as the built-in Lora does: the next image's networks are applied without copying the weights again; "
             "costs the touched weights' size in RAM (for a CPU model; GPU backups are never kept)"),
         "lycoris_add_hashes_to_infotext": shared.OptionInfo(True, "Add Lora hashes to infotext", section=section),
+        "lycoris_lowbit": shared.OptionInfo(
+            "bypass", "Networks on low-bit weights (fp8, NF4, GGUF)", gr.Radio,
+            {"choices": ["bypass", "stochastic"]}, section=section).info(
+            "bypass: added at each layer's output, exact, stored weights never touched (a little slower per step); "
+            "stochastic: fp8 only, merged with seeded stochastic rounding (no cost per step, noisy: the change "
+            "survives on average, not per weight); NF4/GGUF always bypass"),
         "lycoris_handback_families": shared.OptionInfo(
             [], "Use the host's built-in Lora for these model families", gr.CheckboxGroup,
             {"choices": list(ARCHS)}, section=section).info(
@@ -72,6 +78,7 @@ def on_ui_settings() -> None:
         shared.opts.add_option(key, info)
     shared.opts.onchange("lycoris_cache_mb", HOST.refresh)
     shared.opts.onchange("lycoris_keep_backups", HOST.keep_backups_changed)
+    shared.opts.onchange("lycoris_lowbit", HOST.lowbit_changed)
 
 
 def _model_loaded(sd_model) -> None:

@@ -14,7 +14,6 @@ from typing import Optional
 from modules import shared
 
 from lib_lycoris.blocks import ARCHS
-from lib_lycoris.modelmap import ModelMap
 from lib_lycoris.patcher import Patcher
 from lib_lycoris.runtime import DEFAULT_CACHE_BYTES, Runtime
 
@@ -42,6 +41,16 @@ def _handback_setting() -> tuple:
     """Families the user hands to the built-in Lora (setting `lycoris_handback_families`)."""
     value = _opt("lycoris_handback_families", [])
     return tuple(value) if isinstance(value, (list, tuple)) else ()
+
+
+def _host_dequantizer():
+    """Forge's bitsandbytes NF4/FP4 dequantiser (its `Params4bit` has no `dequantize()`); None elsewhere.
+    GGUF parameters and fp8 weights dequantise themselves."""
+    try:
+        from backend.operations_bnb import functional_dequantize_4bit
+    except ImportError:
+        return None
+    return functional_dequantize_4bit
 
 
 def _keep_backups() -> Optional[bool]:
@@ -158,7 +167,9 @@ class Host:
     # --- the patcher of the loaded model --------------------------------------------------------
     def patcher(self, sd_model) -> Patcher:
         if self._patcher is None or self._patcher_model is not sd_model:
-            self._patcher = Patcher.from_components(model_components(sd_model), keep_backups=_keep_backups())
+            self._patcher = Patcher.from_components(model_components(sd_model), keep_backups=_keep_backups(),
+                                                    lowbit=_opt("lycoris_lowbit", "bypass"),
+                                                    dequantize=_host_dequantizer())
             self._patcher_model = sd_model
             log.info("patcher ready for %s (%s)", type(sd_model).__name__, self._patcher.modelmap.arch)
         return self._patcher
@@ -169,9 +180,9 @@ class Host:
         cached = self._families.get(id(sd_model))
         if cached is not None and cached[0] is sd_model:
             return cached[1]
-        try:
-            arch = ModelMap.from_components(model_components(sd_model)).arch
-        except (AttributeError, TypeError, KeyError) as e:   # a model class whose parts we don't know
+        try:   # the patcher's map: low-bit (NF4, GGUF) weights bind by their logical shapes
+            arch = self.patcher(sd_model).modelmap.arch
+        except (AttributeError, TypeError, KeyError, ValueError, RuntimeError) as e:   # parts we don't know
             log.info("no model map for %s: %s", type(sd_model).__name__, e)
             arch = "unknown"
         family = arch if arch in ARCHS else None
@@ -201,6 +212,13 @@ class Host:
         if sd_model is not None:
             self.family(sd_model)   # one INFO line per model load: who applies its networks
 
+    def lowbit_changed(self) -> None:
+        """The low-bit setting: the networks on low-bit weights are re-applied its way from the next image."""
+        with self.lock:
+            if self._patcher is not None:
+                self._patcher.restore()
+                self._patcher.lowbit = _opt("lycoris_lowbit", "bypass")
+
     def keep_backups_changed(self) -> None:
         """The setting went off: free the kept backups now; either way it holds for the next apply."""
         with self.lock:
@@ -213,6 +231,7 @@ class Host:
         with self.lock:
             if self._patcher is not None:
                 self._patcher.restore()
+                self._patcher.runtime_warnings.clear()   # logged when they happened (inside a forward)
             self.activation = None
             self.processing = None
 
