@@ -1,5 +1,9 @@
 """Reading network files: safetensors (header validated before any tensor is touched) and pickles
-only through `torch.load(weights_only=True)` (a pickle that needs code is refused, never run).
+only through `torch.load(weights_only=True)` (a pickle that needs code is refused, never run), in torch's zip
+format only, its directory checked first so that no record can make torch allocate more than the file holds.
+
+Whatever the bytes, reading ends in a `RawFile` or a `NetworkFileError` (tests/test_fuzz.py mutates real
+files to hold this: no other exception, no hang, no allocation sized by a number in the file).
 
 `read_file(path) -> RawFile(tensors, metadata)`; `read_metadata(path)` reads the header alone (for the
 Networks tab). `addnet_hash` is the hash A1111 shows in `Lora hashes` (sha256 of the bytes after the
@@ -38,6 +42,8 @@ _DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 # torch.save's format since torch 1.6: a zip archive (a local file header comes first).
 _TORCH_ZIP_MAGIC = b"PK\x03\x04"
+# Longest header value or key an error message quotes.
+_MESSAGE_LIMIT = 200
 _FLOAT_OK = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
 
 PathLike = Union[str, os.PathLike]
@@ -68,6 +74,12 @@ def _unique_keys(pairs: list) -> dict:
     return out
 
 
+def _brief(value) -> str:
+    """repr(value), cut to `_MESSAGE_LIMIT` characters (a header field can be megabytes long)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT - 3] + "..."
+
+
 def _is_size(v) -> bool:
     """A shape entry or offset: a non-negative int within u64, as safetensors reads it (`true` is no number)."""
     return type(v) is int and 0 <= v < 2 ** 64
@@ -87,7 +99,7 @@ def _read_header(path: Path, f) -> tuple:
         header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
     except _DuplicateKey as e:
         raise NetworkFileError("safetensors header names the same key twice (which one holds?)", file=str(path),
-                               key=e.key) from e
+                               key=_brief(e.key)) from e
     except RecursionError as e:   # "[[[[...": the json module recurses once per level
         raise NetworkFileError("safetensors header is nested too deeply to be a header", file=str(path)) from e
     except ValueError as e:   # JSONDecodeError, UnicodeDecodeError, and numbers longer than int() takes
@@ -102,22 +114,25 @@ def _read_header(path: Path, f) -> tuple:
                 raise NetworkFileError("__metadata__ must map strings to strings", file=str(path), key=key)
             continue
         if not isinstance(info, dict):
-            raise NetworkFileError("tensor entry is not an object", file=str(path), key=key)
+            raise NetworkFileError("tensor entry is not an object", file=str(path), key=_brief(key))
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in _DTYPE_SIZE:
-            raise NetworkFileError(f"unknown dtype {dtype!r}", file=str(path), key=key)
+            raise NetworkFileError(f"unknown dtype {_brief(repr(dtype))}", file=str(path), key=_brief(key))
         if not (isinstance(shape, list) and all(_is_size(s) for s in shape)):
-            raise NetworkFileError(f"bad shape {shape!r}", file=str(path), key=key)
+            raise NetworkFileError(f"bad shape {_brief(shape)}", file=str(path), key=_brief(key))
         if not (isinstance(offs, list) and len(offs) == 2 and all(_is_size(o) for o in offs)
                 and offs[0] <= offs[1] <= data_len):
-            raise NetworkFileError(f"data offsets {offs!r} lie outside the {data_len}-byte data section "
-                                   "(truncated file?)", file=str(path), key=key)
-        numel = 1
-        for s in shape:
+            raise NetworkFileError(f"data offsets {_brief(offs)} lie outside the {data_len}-byte data section "
+                                   "(truncated file?)", file=str(path), key=_brief(key))
+        numel = 0 if 0 in shape else 1
+        for s in shape if numel else ():
             numel *= s
+            if numel > data_len:   # too big already (and a product of a million huge numbers takes hours)
+                break
         if offs[1] - offs[0] != numel * _DTYPE_SIZE[dtype]:
-            raise NetworkFileError(f"header says {dtype}{shape} ({numel * _DTYPE_SIZE[dtype]} bytes) but "
-                                   f"gives {offs[1] - offs[0]} bytes", file=str(path), key=key)
+            size_text = f"{numel * _DTYPE_SIZE[dtype]} bytes" if numel <= data_len else "more than the file"
+            raise NetworkFileError(f"header says {dtype}{_brief(shape)} ({size_text}) but gives "
+                                   f"{offs[1] - offs[0]} bytes", file=str(path), key=_brief(key))
         spans.append((offs[0], offs[1], key))
     spans.sort()
     for (a0, a1, ka), (b0, b1, kb) in zip(spans, spans[1:]):
@@ -156,9 +171,10 @@ def _load_safetensors(path: Path) -> tuple:
     return tensors, dict(header.get("__metadata__", {}))
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).splitlines()
-    return lines[0] if lines else type(e).__name__
+def _first_line(e: BaseException, about: str = "") -> str:
+    """The first line of `e`'s message that mentions `about` (any line if none does), or its type's name."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines if about.lower() in line.lower()), lines[0] if lines else type(e).__name__)
 
 
 def _check_torch_zip(path: Path) -> None:
@@ -197,7 +213,7 @@ def _load_pickle(path: Path) -> tuple:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeFileError("pickle refused: it needs code to load, which is never run (convert it to "
-                              f"safetensors with a tool you trust). Detail: {_first_line(e)}",
+                              f"safetensors with a tool you trust). Detail: {_first_line(e, 'global')}",
                               file=str(path)) from e
     except MemoryError:
         raise

@@ -58,6 +58,22 @@ def trigger_words(metadata: dict, user: Optional[dict] = None) -> list:
     return [w for w in out if not (w in seen or seen.add(w))]
 
 
+def _depth_of(network: Network) -> tuple:
+    """(double/joint, single) blocks a transformer file names, at least the family's usual counts (a file
+    may train only some blocks): the in/mid/out thirds `inspect` reports then match the model's."""
+    double = single = 0
+    for m in network.modules.values():
+        found = re.match(r"^(?:joint_blocks|double_blocks|transformer_blocks)_(\d+)_", m.body)
+        if found:
+            double = max(double, int(found[1]) + 1)
+        found = re.match(r"^(?:single_blocks|single_transformer_blocks)_(\d+)_", m.body)
+        if found:
+            single = max(single, int(found[1]) + 1)
+    if network.base_model == "flux":
+        return max(double, 19), max(single, 38)
+    return (38 if double > 24 else 24), 0      # SD3 / SD3.5 Medium 24 blocks, SD3.5 Large 38
+
+
 def describe(network: Network, user_metadata: Optional[dict] = None) -> dict:
     md = network.metadata
     ranks: Counter = Counter()
@@ -66,6 +82,7 @@ def describe(network: Network, user_metadata: Optional[dict] = None) -> dict:
     blocks: Counter = Counter()
     arch = network.base_model if network.base_model != "unknown" else "sd1"
     variant = flux_variant(md, network.modules) if arch == "flux" else None
+    depth = _depth_of(network) if arch in ("sd3", "flux") else ()
     for m in network.modules.values():
         comps[m.component] += 1
         r = m.adapter.rank()
@@ -74,7 +91,7 @@ def describe(network: Network, user_metadata: Optional[dict] = None) -> dict:
         alphas[round(m.scale * r, 4) if r else None] += 1
         if m.component == "unet":
             try:
-                b = block_id("unet", m.body, arch)
+                b = block_id("unet", m.body, arch, depth)
             except LycorisError:   # a path outside the standard blocks: counted as 'other'
                 b = None
             blocks[b or "other"] += 1

@@ -12,6 +12,7 @@ Every tensor key of a network file is split into (component, body, suffix):
 Key styles read (research lycoris_formats.md §1, §5):
   kohya / LyCORIS  `lora_unet_<path>`, `lora_te_`, `lora_te1_`, `lora_te2_`, `lora_te3_`, generic `lycoris_<path>`,
                    OneTrainer `lora_transformer_<diffusers path>`
+  A1111 SD3        `clip_l_transformer_`, `clip_g_transformer_`, `t5xxl_transformer_` (its layer names)
   diffusers/PEFT   `unet.<path>`, `transformer.<path>`, `text_encoder(_2|_3).<path>`, `base_model.model.<path>`
                    with `lora_A/lora_B`, `.lora.down/.lora.up`, `lora_linear_layer.down/up`,
                    `lora_magnitude_vector`, and the old attention-processor `…processor.to_q_lora.down`
@@ -55,6 +56,8 @@ _BY_LENGTH = sorted(SUFFIXES, key=len, reverse=True)
 _UNDERSCORE_PREFIXES = (
     ("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te3_", "te3"), ("lora_te_", "te1"),
     ("lora_transformer_", "unet"), ("lycoris_", "unet"),
+    # A1111 1.10's own SD3 layer names (`network_layer_name` of SD3Cond's modules), which its built-in Lora reads
+    ("clip_l_transformer_", "te1"), ("clip_g_transformer_", "te2"), ("t5xxl_transformer_", "te3"),
 )
 # Dotted prefixes (diffusers, PEFT, ComfyUI).
 _DOTTED_PREFIXES = (

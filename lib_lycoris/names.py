@@ -7,13 +7,26 @@ A tag names a network by (in this order, first match wins):
 3. its alias from metadata (`ss_output_name`), if only one file has it and it is nobody's stem.
 
 Each step tries the exact text first, then a case-insensitive match. Names and file names are compared in
-Unicode NFC form (macOS stores NFD). '\\' counts as '/'. A name that is absolute (`/x`, `C:x`, `~x`) or has a
-`..` part is rejected, and a file whose real path (after symlinks) lies outside its folder is never indexed,
-so no name can reach outside the networks folders. Folders are searched in the order given.
+Unicode NFC form (macOS stores NFD). '\\' counts as '/'. Folders are searched in the order given.
+
+No name can reach outside the networks folders: a name is looked up among the files found inside them, never
+joined to a path, and a file whose real path (after symlinks) lies outside its folder is never indexed, nor
+resolved if it became such a link after the scan. On top of that, names that try are refused with a message
+saying why:
+
+- absolute (`/x`, `C:x`, `~x`, `\\\\server\\x`) or with a `..` part (or a part of dots and spaces only, which
+  Windows reads as `..`);
+- control characters (NUL included) and invisible format characters: bidi overrides and isolates that show a
+  name reversed, soft hyphen, BOM, lone surrogates. A zero-width (non-)joiner is allowed between two letters,
+  marks, digits or symbols, where Persian, Indic scripts and emoji sequences need it;
+- lookalikes that would do the same: a name's *skeleton* (NFKC form, known homoglyphs of '/', '\\', '.' and ':'
+  replaced by them, marks and format characters dropped) must not be absolute or have a `..` part either.
+  A lookalike elsewhere stays allowed (Japanese file names use '／' and '：' where Windows forbids '/' and ':').
 """
 from __future__ import annotations
 
 import difflib
+import errno
 import logging
 import os
 import re
@@ -35,12 +48,62 @@ _SUGGESTIONS = 3
 
 ReadAlias = Callable[[Path], Optional[str]]
 
+# Homoglyphs NFKC leaves alone, and what they look like (Unicode confusables.txt; the NFKC ones such as
+# U+FF0F FULLWIDTH SOLIDUS, U+FF0E FULLWIDTH FULL STOP, U+2024 ONE DOT LEADER, U+FE52 SMALL FULL STOP are
+# mapped by the normalisation itself).
+_LOOKALIKES = {
+    **dict.fromkeys("\u2215\u2044\u29f8\u2571\u27cb\u3033\u1735", "/"),   # DIVISION/FRACTION SLASH, BIG SOLIDUS, ...
+    **dict.fromkeys("\u29f9\u2216\u2572\u27cd\ufe68", "\\"),             # BIG REVERSE SOLIDUS, SET MINUS, ...
+    **dict.fromkeys("\u3002\u00b7\u2219\u22c5\u30fb\u2e31\u0701\u0702\ua60e\U00010a50\ua4f8\u0660\u06f0\u1427",
+                    "."),                                              # IDEOGRAPHIC FULL STOP, MIDDLE DOT, ...
+    **dict.fromkeys("\u0589\u05c3\ua789\u2236\u02d0", ":"),                # ARMENIAN FULL STOP, RATIO, ...
+}
+# Joiners allowed between two characters of these Unicode categories (letters, marks, digits, symbols).
+_JOINERS = ("\u200c", "\u200d")
+_JOINABLE = ("L", "M", "N", "S")
+# A skeleton is absolute if it starts with '/' or is a drive ('C:' alone or before a separator); '～' and 'Ａ：'
+# followed by text are ordinary characters in a name.
+_SKELETON_ABSOLUTE = re.compile(r"^(?:/|[A-Za-z]:(?:/|$))")
+
 
 def normalize_name(name: str) -> str:
     """NFC form, '\\' -> '/', no surrounding spaces, no empty or '.' parts."""
     text = unicodedata.normalize("NFC", name).strip().replace("\\", "/")
     parts = [p for p in text.split("/") if p not in ("", ".")]
     return "/".join(parts) if not text.startswith("/") else "/" + "/".join(parts)
+
+
+def _char(c: str) -> str:
+    return f"U+{ord(c):04X} {unicodedata.name(c, '')}".rstrip()
+
+
+def _bad_character(name: str) -> Optional[str]:
+    """Why `name` holds a character no network name may hold (see module doc), or None."""
+    for i, c in enumerate(name):
+        cat = unicodedata.category(c)
+        if cat == "Cc":
+            return f"a control character {_char(c)}"
+        if c in _JOINERS:
+            near = (name[i - 1] if i else "", name[i + 1] if i + 1 < len(name) else "")
+            if all(n and unicodedata.category(n)[0] in _JOINABLE for n in near):
+                continue
+            return f"an invisible character {_char(c)} that joins nothing here"
+        if cat in ("Cf", "Cs"):
+            return f"an invisible character {_char(c)}"
+    return None
+
+
+def _skeleton(name: str) -> str:
+    """What a name looks like: NFKC, homoglyphs of '/', '\\', '.', ':' replaced by them, '\\' -> '/', combining
+    marks and format characters dropped."""
+    text = unicodedata.normalize("NFKC", name)
+    text = "".join(_LOOKALIKES.get(c, c) for c in text if unicodedata.category(c) not in ("Mn", "Me", "Cf"))
+    return text.replace("\\", "/").strip()
+
+
+def _escapes(parts: list) -> bool:
+    """A '..' part, or one of dots and spaces only (Windows drops trailing dots and spaces: '.. ' is '..')."""
+    return any(p.strip(". ") == "" and p.count(".") >= 2 for p in parts)
 
 
 def _strip_extension(name: str) -> str:
@@ -103,7 +166,11 @@ class NetworkIndex:
             if not root.is_dir():
                 self._warn(f"networks folder {str(root)!r} does not exist")
                 continue
-            real_root = root.resolve()
+            try:
+                real_root = _real_path(root)
+            except OSError as e:
+                self._warn(f"networks folder {str(root)!r}: cannot follow its symlink ({e.strerror or e})")
+                continue
             for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
                 dirnames.sort()
                 for filename in sorted(filenames):
@@ -119,7 +186,11 @@ class NetworkIndex:
         logger.warning("%s", message)
 
     def _entry(self, root: Path, real_root: Path, path: Path) -> Optional[NetworkEntry]:
-        real = path.resolve()
+        try:
+            real = _real_path(path)
+        except OSError as e:
+            self._warn(f"{str(path)!r}: cannot follow its symlink ({e.strerror or e}); ignored")
+            return None
         if not _inside(real, real_root):
             self._warn(f"{str(path)!r} points outside the networks folder ({str(real)!r}); ignored")
             return None
@@ -157,11 +228,21 @@ class NetworkIndex:
         wanted = normalize_name(name)
         if not wanted:
             raise NameResolutionError("empty network name", key=name)
+        bad = _bad_character(wanted)
+        if bad:
+            raise NameResolutionError(f"network name holds {bad}", key=name)
         if _ABSOLUTE.match(wanted):
             raise NameResolutionError("network names are relative to the networks folder; absolute paths "
                                       "are not allowed", key=name)
-        if ".." in wanted.split("/"):
+        if _escapes(wanted.split("/")):
             raise NameResolutionError("network name goes outside the networks folder ('..')", key=name)
+        look = _skeleton(wanted)
+        if _SKELETON_ABSOLUTE.match(look) or _escapes(look.split("/")):
+            odd = sorted({c for c in wanted if c not in look or unicodedata.normalize("NFKC", c) != c
+                          or c in _LOOKALIKES})
+            what = "absolute paths" if _SKELETON_ABSOLUTE.match(look) else "names that go outside the folder"
+            raise NameResolutionError(f"network name looks like {look!r} ({', '.join(map(_char, odd))}); "
+                                      f"{what} are not allowed", key=name)
         bare = _strip_extension(wanted)
         for fold in (False, True):
             key = (lambda s: s.casefold()) if fold else (lambda s: s)
@@ -201,10 +282,24 @@ class NetworkIndex:
     @staticmethod
     def _checked(entry: NetworkEntry, name: str) -> NetworkEntry:
         # Checked again at resolve time: a file may have been replaced by a symlink since the scan.
-        if not _inside(entry.path.resolve(), entry.root.resolve()):
+        try:
+            inside = _inside(_real_path(entry.path), _real_path(entry.root))
+        except OSError as e:
+            raise NameResolutionError(f"network file is a symlink that cannot be followed ({e.strerror or e})",
+                                      key=name, file=str(entry.path)) from e
+        if not inside:
             raise NameResolutionError("network file points outside the networks folder", key=name,
                                       file=str(entry.path))
         return entry
+
+
+def _real_path(path: Path) -> Path:
+    """`path` with every symlink followed; OSError for a loop (Python 3.11 raises RuntimeError there, 3.13 an
+    OSError) or a part that cannot be read."""
+    try:
+        return path.resolve()
+    except RuntimeError as e:   # "Symlink loop from ..."
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from e
 
 
 def _inside(path: Path, root: Path) -> bool:

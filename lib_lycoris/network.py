@@ -44,6 +44,17 @@ _DIT_BODY = (
 )
 # Width of a transformer block (input of its attention projections): Flux 3072; SD3 64 × depth (24, 38).
 _DIT_WIDTH = {3072: "flux", 1536: "sd3", 2432: "sd3"}
+# PEFT pattern keys used as regular expressions: at most this many quantifiers and no quantified group, so that
+# matching one module path stays a low-degree polynomial (measured: '.*' x4 on a 34-character path 0.3 ms, x5
+# 18 ms, each one more ~60x).
+_MAX_PATTERN_QUANTIFIERS = 3
+_QUANTIFIER = re.compile(r"(?<![\\(])[*+?]|(?<!\\)\{\d*,?\d*\}")
+_QUANTIFIED_GROUP = re.compile(r"\)[*+{]")
+# Tensors read as one number (alpha/rank, a stored LoRA scale, IA3's side flag); checked before any adapter
+# reads them (an empty one was an IndexError, found by tests/test_fuzz.py).
+_SCALAR_SUFFIXES = ("alpha", "scale", "on_input")
+# Float dtypes torch.isfinite takes (not the float8 ones).
+_ISFINITE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -116,7 +127,7 @@ def _peft_config(metadata: dict) -> dict:
         return {}
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):   # not JSON, too-long numbers, too deep
         log.warning("%s is not JSON; PEFT modules get scale 1", name)
         return {}
     if not isinstance(meta, dict):
@@ -133,26 +144,64 @@ def _peft_config(metadata: dict) -> dict:
 
 
 def _pattern_value(patterns: dict, path: str, default):
-    """PEFT rank_pattern / alpha_pattern: a key matches a module name ending in it."""
-    for pat, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pat}", path) or path == pat:
+    """PEFT rank_pattern / alpha_pattern: a key matches a module name ending in it, as a name or (as PEFT
+    reads it) a regular expression. A file's expression is refused where it could backtrack for hours on a
+    module path (nested or many quantifiers: `(a*)*b`, `.*.*.*…x`; found by tests/test_fuzz.py)."""
+    if not isinstance(patterns, dict):
+        if patterns:
+            raise FormatError(f"PEFT config pattern {_brief(patterns)} is not an object")
+        return default
+    for pat, value in patterns.items():
+        if path == pat or path.endswith("." + pat):
             return value
+        if len(_QUANTIFIER.findall(pat)) > _MAX_PATTERN_QUANTIFIERS or _QUANTIFIED_GROUP.search(pat):
+            raise FormatError(f"PEFT config pattern {_brief(pat)} is too complex a regular expression to match "
+                              "safely")
+        try:
+            if re.fullmatch(rf"(?:.*\.)?(?:{pat})", path):
+                return value
+        except re.error as e:
+            raise FormatError(f"PEFT config pattern {_brief(pat)} is not a regular expression ({e})") from e
     return default
+
+
+def _brief(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _config_number(value, what: str) -> Optional[float]:
+    """A rank or alpha from a PEFT config: None where absent, else a finite number (FormatError otherwise)."""
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        number = float(value) if ok else math.nan
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or number < 0:
+        raise FormatError(f"PEFT config {what} {_brief(value)} is not a finite non-negative number")
+    return number
 
 
 def _peft_scale(config: dict, path: str, rank: Optional[int]) -> float:
     """alpha/r (rs-LoRA: alpha/√r) as PEFT scales: r from the tensors (or the config where the type has no
     rank, e.g. a LoKr with both factors full), alpha from `alpha_pattern` or `lora_alpha` / `alpha`."""
-    r = rank or _pattern_value(config.get("rank_pattern"), path, config.get("r"))
-    alpha = _pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", config.get("alpha", r)))
+    r = rank or _config_number(_pattern_value(config.get("rank_pattern"), path, config.get("r")), "rank")
+    alpha = _config_number(_pattern_value(config.get("alpha_pattern"), path,
+                                          config.get("lora_alpha", config.get("alpha", r))), "alpha")
     if r is None or not r or alpha is None:
         return 1.0
-    return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else float(r))
+    return alpha / (math.sqrt(r) if config.get("use_rslora") else float(r))
 
 
 def _check_finite(raw: RawFile) -> None:
     for k, t in raw.tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not t.is_floating_point():
+            continue
+        if t.dtype not in _ISFINITE_DTYPES:
+            t = t.to(torch.float16)   # float8 (no isfinite in torch): every value, inf and NaN fit float16
+        if not bool(torch.isfinite(t).all()):
             raise NonFiniteError("tensor holds NaN or infinity", file=str(raw.path), key=k)
 
 
@@ -179,16 +228,19 @@ def build_network(raw: RawFile, name: Optional[str] = None) -> Network:
         tensors = {s: t for s, (_, t) in g.items()}
         keys = tuple(k for k, _ in g.values())
         where = keys[0].rsplit(".", 1)[0] if len(keys) == 1 else _common_prefix(keys)
+        for s in _SCALAR_SUFFIXES:
+            if s in tensors and tensors[s].numel() != 1:
+                raise FormatError(f"{s} must be a scalar, has shape {tuple(tensors[s].shape)}",
+                                  file=str(raw.path), key=g[s][0])
         try:
             adapter = algorithms.build(tensors, where)
         except FormatError as e:
             raise FormatError(e.message, file=str(raw.path), key=e.key, keys=e.keys) from e
+        if adapter.rank() == 0:   # alpha/rank would divide by zero (found fuzzing the reader)
+            raise FormatError(f"{adapter.algo} module has rank 0", file=str(raw.path), key=where, keys=keys)
         alpha = tensors.get("alpha")
         dotted = not keys[0].startswith(("lora_", "lycoris_"))   # diffusers / PEFT spelling
         if alpha is not None:
-            if alpha.numel() != 1:
-                raise FormatError(f"alpha must be a scalar, has shape {tuple(alpha.shape)}",
-                                  file=str(raw.path), key=where + ".alpha")
             scale = adapter.scale_for(float(alpha.float().reshape(-1)[0]))
         elif dotted and comp in peft and adapter.algo in ("lora", "loha", "lokr"):
             scale = _peft_scale(peft[comp], paths[(comp, body)], adapter.rank())   # `keys` strips base_model.model.

@@ -244,3 +244,46 @@ def test_merge_failure_while_writing_leaves_the_old_output(tmp_path, caplog, mon
     assert rc != 0 and out.read_bytes() == b"old" and set(tmp_path.iterdir()) == before
     (msg,) = _errors(caplog)
     assert "No space left on device" in msg and str(out) in msg, msg
+
+
+# --- export / extract / resize (#13; the maths is tests/test_export.py's) ------------------------------
+
+def test_export_help_states_what_a_megabyte_counts():
+    buf = io.StringIO()
+    import contextlib
+    with contextlib.redirect_stdout(buf), __import__("pytest").raises(SystemExit):
+        main(["export", "--help"])
+    text = " ".join(buf.getvalue().split())
+    assert "1 MB = 10^6 bytes" in text and "lora_down/lora_up" in text and "--exact" in text
+
+
+def test_export_missing_network_has_no_traceback_and_no_output(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lib_lycoris", "export", str(tmp_path / "nope.safetensors"),
+                        "-o", str(tmp_path / "o.safetensors"), "--rank", "4"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "nope.safetensors" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resize_and_extract_commands(tmp_path):
+    net = _net(tmp_path, limit=12)
+    out = tmp_path / "small.safetensors"
+    rc, text = _run("resize", str(net), "-o", str(out), "--rank", "2", "--device", "cpu")
+    assert rc == 0 and "resize: 12 modules" in text, text
+    assert {v.shape[0] for k, v in load_file_items(out) if k.endswith("lora_down.weight")} == {2}
+    base = _checkpoint(tmp_path, torch.float32)
+    tuned = tmp_path / "tuned.safetensors"
+    with safe_open(str(base), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    sd[key] = sd[key] + 0.1 * torch.ones_like(sd[key])                  # a rank-1 change
+    save_file(sd, str(tuned))
+    rc, text = _run("extract", str(tuned), str(base), "-o", str(tmp_path / "x.safetensors"), "--rank", "1",
+                    "--device", "cpu", "--dtype", "fp32")
+    assert rc == 0 and "extract: 1 modules" in text and "te1: text encoder unchanged" in text, text
+
+
+def load_file_items(path: Path) -> list:
+    with safe_open(str(path), framework="pt") as f:
+        return [(k, f.get_tensor(k)) for k in f.keys()]

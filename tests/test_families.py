@@ -32,6 +32,10 @@ KEYS = [
     ("single_blocks.1.processor.proj_lora.down.weight", "unet", "single_blocks_1_linear2"),
     ("text_encoders.clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight", "te2",
      "text_model_encoder_layers_0_self_attn_q_proj"),
+    ("clip_g_transformer_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", "te2",      # A1111 SD3 layer names
+     "text_model_encoder_layers_0_mlp_fc1"),
+    ("clip_l_transformer_text_model_encoder_layers_3_self_attn_q_proj.alpha", "te1",
+     "text_model_encoder_layers_3_self_attn_q_proj"),
     ("text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight", "te3",
      "encoder_block_0_layer_0_SelfAttention_q"),
     ("text_encoder_3.encoder.block.1.layer.1.DenseReluDense.wi_0.lora_B.weight", "te3",

@@ -3,17 +3,21 @@
 Seeds are real files: networks of every adapter type made with `synth.module_tensors` (kohya key names, with
 metadata), LoRA/LoHa/LoKr/full files written by the official `lycoris` package (`save_weights`, fp16, with
 metadata) where it is installed, a diffusers/PEFT LoRA whose scale comes from `lora_adapter_metadata`, and
-torch pickles (zip and legacy format). A mutation works on two levels:
+torch.save files (.pt, .ckpt with a `state_dict`). A mutation works on up to three levels:
 
 - tensors: keys dropped, renamed to another suffix, moved to another module or added; shapes, dtypes and
-  values changed; metadata set (PEFT configs included) — then saved as a valid file;
-- bytes: the 8-byte header length, JSON fields (dtype, shape, data_offsets, `__metadata__`, entries added or
-  deleted, deep nesting, long integers), single bytes, insertions, deletions and truncation.
+  values changed; metadata set (PEFT configs with odd numbers and regular expressions included) — then saved
+  as a valid file;
+- structure: safetensors JSON fields (dtype, shape, data_offsets, `__metadata__`, entries added or deleted,
+  duplicate keys, deep nesting, long integers); torch zip directory sizes and offsets, and bytes inside the
+  archive's data.pkl (the archive rewritten around it);
+- bytes: the 8-byte header length, single bytes, insertions, deletions and truncation.
 
 Every outcome of `load_network` is a `Network` or a `LycorisError`, and so is every outcome of the
 header-only readers (`read_metadata`, `base_model_of_file`) and of `addnet_hash`: never another exception,
-a hang (`DEADLINE_S` per example) or a giant allocation (the address space of the process may grow by at
-most `MEMORY_HEADROOM` during one example; POSIX only).
+a hang (`DEADLINE_S` per example; a hang in C code that the alarm cannot stop ends the run with tracebacks
+after `HARD_DEADLINE_S`) or a giant allocation (the address space of the process may grow by at most
+`MEMORY_HEADROOM` during one example; POSIX only).
 
 CI runs `LYCORIS_FUZZ_EXAMPLES` examples (default 2000); the one-off long run in the #14 note used
 `LYCORIS_FUZZ_EXAMPLES=100000`.
@@ -21,6 +25,7 @@ CI runs `LYCORIS_FUZZ_EXAMPLES` examples (default 2000); the one-off long run in
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import functools
 import io
 import json
@@ -56,6 +61,7 @@ EXAMPLES = int(os.environ.get("LYCORIS_FUZZ_EXAMPLES", "2000"))
 # Seconds one example may take. The slowest legitimate example (a 60 KB file on a loaded 2-core CI machine)
 # takes well under 0.5 s; a hang is what this catches.
 DEADLINE_S = 10.0
+HARD_DEADLINE_S = 3 * DEADLINE_S
 # How far the process's address space may grow during one example. Seed files are < 100 KB, so anything
 # near this is an allocation sized by a number read from the file, not by its data.
 MEMORY_HEADROOM = 1 << 30
@@ -87,7 +93,7 @@ def _synth(kind: str, dtype: torch.dtype, seed: int) -> dict:
 
 
 def _official() -> list:
-    """(name, tensors, metadata) written by the official lycoris package's `save_weights`, or [] without it."""
+    """(name, bytes) of files the official lycoris package's `save_weights` wrote, or [] without the package."""
     try:
         from lycoris import create_lycoris
     except ImportError:
@@ -102,7 +108,7 @@ def _official() -> list:
 
     g = torch.Generator().manual_seed(1)
     out = []
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, torch.random.fork_rng():   # (module init draws from the global RNG)
         for algo in ("lora", "loha", "lokr", "full"):
             model = Tiny()
             net = create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2.0, algo=algo)
@@ -166,11 +172,17 @@ def _address_space() -> int:
 
 @contextlib.contextmanager
 def guarded() -> Iterator[None]:
-    """Run the body under a deadline (SIGALRM) and an address-space limit (RLIMIT_AS), where POSIX has them."""
+    """Run the body under a deadline (SIGALRM; `HARD_DEADLINE_S` ends the process) and an address-space limit
+    (RLIMIT_AS), where POSIX has them."""
     limit = None
     if resource is not None and os.path.exists("/proc/self/statm"):
         limit = resource.getrlimit(resource.RLIMIT_AS)
-        resource.setrlimit(resource.RLIMIT_AS, (_address_space() + MEMORY_HEADROOM, limit[1]))
+        soft = _address_space() + MEMORY_HEADROOM
+        resource.setrlimit(resource.RLIMIT_AS, (soft if limit[1] == resource.RLIM_INFINITY else min(soft, limit[1]),
+                                                limit[1]))
+    # A hang inside C code (a regular expression backtracking, a parser loop) never sees the alarm: then the
+    # whole run stops with every thread's traceback, which names the place.
+    faulthandler.dump_traceback_later(HARD_DEADLINE_S, exit=True)
     alarm = hasattr(signal, "setitimer")
     if alarm:
         def on_alarm(signum, frame):
@@ -180,6 +192,7 @@ def guarded() -> Iterator[None]:
     try:
         yield
     finally:
+        faulthandler.cancel_dump_traceback_later()
         if alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
@@ -190,7 +203,7 @@ def guarded() -> Iterator[None]:
 def _allocation_failed(e: BaseException) -> bool:
     """Whether `e` wraps an allocation the address-space limit refused (torch says "can't allocate")."""
     while e is not None:
-        if isinstance(e, MemoryError) or "allocate" in str(e):
+        if isinstance(e, MemoryError) or "can't allocate" in str(e) or "not enough memory" in str(e):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -234,12 +247,15 @@ _MAX_NUMEL = 4096
 _SPECIALS = (float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e38, 65504.0, 1e-45)
 _META_KEYS = ("ss_base_model_version", "modelspec.architecture", "ss_sd_model_name", "ss_v2", "ss_output_name",
               "sshs_model_hash", "lora_adapter_metadata", "peft_config", "ss_network_args")
+# rank_pattern / alpha_pattern keys: module names, regular expressions, broken ones and ones that backtrack
+# for hours on a module path (nested or many quantifiers).
+_PATTERN_KEYS = ("proj_in", "to_k", "q_proj", "down_blocks.0.attentions.0.proj_in", ".*", "attn2\\.to_[kv]", "(",
+                 "[a-", "", "a|", "(.*.*.*.*.*.*.*.*.*.*)*x", "(a|a)*$", ".*.*.*.*.*.*.*.*.*.*.*.*.*.*x")
 _PEFT_KEYS = ("r", "lora_alpha", "alpha", "rank_pattern", "alpha_pattern", "use_rslora")
 peft_configs = st.dictionaries(
     st.sampled_from(_PEFT_KEYS) | st.builds(lambda p, k: f"{p}.{k}", st.sampled_from(
         ("unet", "transformer", "text_encoder", "text_encoder_2")), st.sampled_from(_PEFT_KEYS)),
-    json_values | st.dictionaries(st.sampled_from(("proj_in", "to_k", "q_proj", ".*", "(", "[a-", "")) | st.text(
-        max_size=6), json_values, max_size=3),
+    json_values | st.dictionaries(st.sampled_from(_PATTERN_KEYS) | st.text(max_size=6), json_values, max_size=3),
     max_size=6)
 meta_values = (st.text(max_size=30) | st.sampled_from(("sdxl_base_v1-0", "sd_v2", "flux1", "sd3", "True"))
                | st.builds(lambda v: json.dumps(v, allow_nan=True), peft_configs | json_values))
@@ -255,6 +271,8 @@ tensor_ops = st.one_of(
     st.tuples(st.just("key"), st.integers(0, 999), st.text(max_size=40)),
     st.tuples(st.just("meta"), st.sampled_from(_META_KEYS) | st.text(max_size=8), meta_values),
     st.tuples(st.just("unmeta"), st.sampled_from(_META_KEYS)),
+    st.just(("unmeta", "ss_base_model_version")),   # base model told by shapes: every adapter's sizes are read
+    st.tuples(st.just("peft"), st.sampled_from(("lora_adapter_metadata", "peft_config")), peft_configs),
 )
 header_ops = st.one_of(
     st.tuples(st.just("field"), st.integers(0, 999), st.sampled_from(("dtype", "shape", "data_offsets", "x")),
@@ -305,12 +323,13 @@ def _module_and_suffix(key: str) -> tuple:
 
 def apply_tensor_op(tensors: dict, metadata: dict, op: tuple) -> None:
     kind, keys = op[0], sorted(tensors)
-    key = _pick(keys, op[1]) if kind not in ("meta", "unmeta") else None
-    if kind in ("meta", "unmeta"):
-        if kind == "meta":
-            metadata[op[1]] = op[2]
-        else:
-            metadata.pop(op[1], None)
+    key = _pick(keys, op[1]) if kind not in ("meta", "unmeta", "peft") else None
+    if kind == "meta":
+        metadata[op[1]] = op[2]
+    elif kind == "unmeta":
+        metadata.pop(op[1], None)
+    elif kind == "peft":
+        metadata[op[1]] = json.dumps(op[2], allow_nan=True)
     elif key is None:
         return
     elif kind == "drop":
@@ -517,9 +536,14 @@ def mutated_files(draw) -> Mutant:
 
 @pytest.fixture(scope="module")
 def fuzz_dir():
-    logging.getLogger("lycoris").setLevel(logging.ERROR)   # PEFT-config warnings, one per example
-    with tempfile.TemporaryDirectory(prefix="lycoris-fuzz-") as d:
-        yield Path(d)
+    logger = logging.getLogger("lycoris")
+    level = logger.level
+    logger.setLevel(logging.ERROR)   # PEFT-config warnings, one per example
+    try:
+        with tempfile.TemporaryDirectory(prefix="lycoris-fuzz-") as d:
+            yield Path(d)
+    finally:
+        logger.setLevel(level)
 
 
 def test_seeds_load(fuzz_dir: Path) -> None:
@@ -533,6 +557,8 @@ def test_seeds_load(fuzz_dir: Path) -> None:
     assert {"lora", "loha", "lokr", "full", "peft", "pickle", "official-lokr"} <= set(names)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning",   # a mutated data.pkl header
+                            "ignore:Casting complex values:UserWarning")     # a complex tensor made real
 @settings(max_examples=EXAMPLES, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture, HealthCheck.large_base_example])

@@ -350,6 +350,13 @@ def test_family_set_to_the_builtin_in_settings(glue):
     glue.shared.opts.lycoris_handback_families = []
     glue.mod.HOST.model_loaded(glue.shared.sd_model)
     glue.mod.EXTRA_NETWORK.activate(_p(glue.shared), _params(glue.en, "<lora:ink:1>"))
+    glue.mod.EXTRA_NETWORK.deactivate(p)
+    assert glue.mod.HOST._patcher.extra_memory() > 0                   # our backups kept after restore
+    glue.shared.opts.lycoris_handback_families = ["sd1"]
+    glue.mod.EXTRA_NETWORK.activate(p, params)
+    assert glue.mod.HOST._patcher.extra_memory() == 0                  # freed: the built-in backs up its own
+    glue.shared.opts.lycoris_handback_families = []
+    glue.mod.EXTRA_NETWORK.activate(_p(glue.shared), _params(glue.en, "<lora:ink:1>"))
     assert rec.calls[-1] == ("activate", []) and not _same(glue.tm.root, snap)   # the built-in emptied first
     glue.mod.EXTRA_NETWORK.deactivate(p)
     assert _same(glue.tm.root, snap)

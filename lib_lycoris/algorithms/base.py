@@ -130,7 +130,8 @@ def oft_extras(tensors: Mapping[str, Tensor], rows: int, where: str, algo: str) 
     """(rescale or None, constraint factor) of an OFT/BOFT module; rescale must have `rows` rows."""
     rescale = tensors.get("rescale")
     if rescale is not None:
-        check(rescale.shape[0] == rows, where, f"{algo} rescale {tuple(rescale.shape)} does not match {rows} rows")
+        check(rescale.dim() >= 1 and rescale.shape[0] == rows, where,
+              f"{algo} rescale {tuple(rescale.shape)} does not match {rows} rows")
     alpha = tensors.get("alpha")
     return rescale, 0.0 if alpha is None else float(alpha.float().reshape(-1)[0])
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from .base import Adapter, Tensor, f32
+from .base import Adapter, Tensor, check, f32
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,11 @@ class Full(Adapter):
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor], where: str = "") -> "Full":
-        return cls(diff=tensors.get("diff"), diff_b=tensors.get("diff_b"))
+        diff, diff_b = tensors.get("diff"), tensors.get("diff_b")
+        check(diff is None or diff.dim() >= 1, where, "diff is a scalar, not a weight delta")
+        if diff_b is not None:
+            check(diff_b.dim() == 1, where, f"diff_b {tuple(diff_b.shape)} is not a bias vector")
+        return cls(diff=diff, diff_b=diff_b)
 
     def out_features(self) -> int:
         return (self.diff if self.diff is not None else self.diff_b).shape[0]

@@ -32,6 +32,8 @@ class GLoRA(Adapter):
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor], where: str = "") -> "GLoRA":
         t = {k: need(tensors, f"{k}.weight", where, cls.algo) for k in ("a1", "a2", "b1", "b2")}
+        check(all(v.dim() in (2, 4) for v in t.values()), where,
+              "GLoRA factors must be 2-D or 4-D: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in t.items()))
         r = t["a2"].shape[0]
         ok = (t["a1"].shape[1] == r and t["a1"].shape[0] == t["a2"].shape[1]
               and t["b1"].shape[1] == r and t["b2"].shape[0] == r)

@@ -45,6 +45,8 @@ class LoKr(Adapter):
         if not (t["w2"] is not None or (t["w2_a"] is not None and t["w2_b"] is not None)):
             raise FormatError(f"LoKr module needs lokr_w2 or lokr_w2_a + lokr_w2_b (has: {', '.join(have)})",
                               key=where, keys=have)
+        check(all(v is None or v.dim() >= 2 for v in t.values()), where, "LoKr factors must be 2-D or 4-D: " +
+              ", ".join(f"lokr_{k} {tuple(v.shape)}" for k, v in t.items() if v is not None))
         a = cls(**t)
         # Shapes must chain; computing the factor shapes checks them without touching values.
         try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from .base import Adapter, Tensor, f32
+from .base import Adapter, Tensor, check, f32
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,9 @@ class Norm(Adapter):
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor], where: str = "") -> "Norm":
-        return cls(w_norm=tensors.get("w_norm"), b_norm=tensors.get("b_norm"))
+        w, b = tensors.get("w_norm"), tensors.get("b_norm")
+        check(all(t is None or t.dim() >= 1 for t in (w, b)), where, "w_norm / b_norm must be vectors, not scalars")
+        return cls(w_norm=w, b_norm=b)
 
 
     def out_features(self) -> int:

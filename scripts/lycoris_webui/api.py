@@ -114,7 +114,7 @@ def on_app_started(_demo, app) -> None:
         try:
             return inspect_network(name)
         except LycorisError as e:
-            raise HTTPException(status_code=404, detail=str(e)) from e
+            raise HTTPException(status_code=404, detail=HOST.runtime.public_text(str(e))) from e
 
     @app.get("/sdapi/v1/lycoris/status")
     def status():

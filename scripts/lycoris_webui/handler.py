@@ -50,7 +50,7 @@ class ExtraNetworkLycoris(extra_networks.ExtraNetwork):
         sd_model = getattr(p, "sd_model", None) or shared.sd_model
         reason = host.handback_reason(sd_model) if self.builtin is not None and sd_model is not None else None
         if reason is not None:
-            self._hand_back(p, params_list, reason)
+            self._hand_back(p, params_list, reason, lasting=True)
             return
         self._settle_builtin(p, sd_model)
         try:
@@ -106,10 +106,19 @@ class ExtraNetworkLycoris(extra_networks.ExtraNetwork):
             params[INFOTEXT_WARNINGS] = self.host.runtime.public_text(text)[:INFOTEXT_WARNING_LIMIT].replace('"', "'")
             params.pop(INFOTEXT_HASHES, None)
 
-    def _hand_back(self, p, params_list, reason: str) -> None:
-        """This generation's tags to the built-in handler, exactly as the host gave them to us."""
+    def _hand_back(self, p, params_list, reason: str, lasting: bool = False) -> None:
+        """This generation's tags to the built-in handler, exactly as the host gave them to us; lasting: for
+        the whole model (its family), so our kept backups are freed (else both loaders would hold copies)."""
         if self.host.activation is not None or self.host._patcher is not None:
             self.host.restore()
+        patcher = self.host._patcher
+        if patcher is not None and lasting:
+            # our kept backups of the weights the built-in will back up too would double the memory
+            # (SD3 CLIP-G: +2.6 GB in float32)
+            freed = patcher.release_backups()
+            if freed:
+                log.info("freed %d MB of kept weight backups (networks of this model go to the built-in Lora)",
+                         freed >> 20)
         if params_list:
             log.info("<lora> tags handed to the built-in Lora: %s", reason)
         self.handed_back = True
@@ -172,6 +181,12 @@ def restore_builtin_weights(sd_model) -> int:
                 restore(module)
                 module.network_current_names = ()
                 n += 1
+            # its backups are no longer needed (it makes new ones when it next applies); kept, they and ours
+            # would hold two copies of every weight both patched
+            if getattr(module, "network_weights_backup", None) is not None:
+                module.network_weights_backup = None
+            if getattr(module, "network_bias_backup", None) is not None:
+                module.network_bias_backup = None
     return n
 
 
@@ -230,6 +245,7 @@ def insert_words(prompt: str, words: list) -> str:
 
 
 EXTRA_NETWORK = ExtraNetworkLycoris()
+_ANNOUNCED: list = []   # the take-over is logged once (it is repeated: A1111's built-in registers again)
 
 
 def take_over() -> None:
@@ -244,7 +260,9 @@ def take_over() -> None:
         if current is not None:   # the built-in's handler: tags it applies better than we can go back to it
             EXTRA_NETWORK.builtin = current
         extra_networks.register_extra_network(EXTRA_NETWORK)
-        log.info("lycoris-loader handles <lora:...> and <lyco:...> (built-in Lora handler replaced)")
+        if not _ANNOUNCED:
+            _ANNOUNCED.append(True)
+            log.info("lycoris-loader handles <lora:...> and <lyco:...> (built-in Lora handler kept for hand-back)")
     extra_networks.register_extra_network_alias(EXTRA_NETWORK, "lyco")
     try:
         from modules import ui_extra_networks
