@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -148,6 +149,11 @@ def _rank_mode(args: argparse.Namespace):
 def _export_options(args: argparse.Namespace) -> dict:
     if args.threads:
         torch_threads(args.threads)
+    elif _busy():
+        # The SVDs of an export are many small LAPACK calls: with other jobs on the cores, OpenMP threads wait
+        # at barriers (measured on a 2-core VM at load 4-8: 2 threads took 11x the CPU time of 1).
+        log.info("load average above the number of CPUs: torch uses 1 thread (--threads overrides)")
+        torch_threads(1)
     return {"dtype": args.dtype, "device": args.device, "clamp_quantile": args.clamp_quantile, "niter": args.niter,
             "progress": _staged_progress(sys.stderr)}
 
@@ -155,6 +161,14 @@ def _export_options(args: argparse.Namespace) -> dict:
 def torch_threads(n: int) -> None:
     import torch
     torch.set_num_threads(n)
+
+
+def _busy() -> bool:
+    """Whether the 1-minute load average exceeds the CPUs (False where the OS does not say)."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:
+        return False
 
 
 def _print_report(report, out: TextIO, report_path: Optional[str]) -> None:
@@ -248,7 +262,8 @@ def _add_export_options(p: argparse.ArgumentParser, exact: bool) -> None:
                    help=f"power iterations of torch.svd_lowrank on dense ΔW (default {NITER}); low-rank inputs use "
                         "the exact factor-space SVD and need none")
     p.add_argument("--report", metavar="FILE.json", default=None, help="write the per-module error report as JSON")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's own, or 1 while the load average exceeds the CPUs)")
 
 
 def build_parser() -> argparse.ArgumentParser:

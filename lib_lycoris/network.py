@@ -205,9 +205,24 @@ def _check_finite(raw: RawFile) -> None:
             raise NonFiniteError("tensor holds NaN or infinity", file=str(raw.path), key=k)
 
 
+# BFL's Flux control LoRAs (Canny, Depth): LoRA factors plus bias deltas on `lora_B` and norm scales that
+# replace the model's (diffusers `_convert_bfl_flux_control_lora_to_diffusers`); they also widen `img_in`.
+_BFL_CONTROL = re.compile(r"(^|\.)(query_norm|key_norm)\.scale$|\.lora_B\.bias$")
+
+
+def _refuse_control_lora(raw: RawFile) -> None:
+    key = next((k for k in raw.tensors if _BFL_CONTROL.search(k)), None)
+    if key is not None:
+        raise NetworkFileError(
+            "a Flux control LoRA (BFL Canny/Depth): it replaces norm scales, adds bias deltas and widens img_in "
+            "for a control image, which a prompt tag cannot supply; load it with the host's control workflow",
+            file=str(raw.path), key=key)
+
+
 def build_network(raw: RawFile, name: Optional[str] = None) -> Network:
     """Group the file's tensors per module and build each module's adapter (see module doc)."""
     _check_finite(raw)
+    _refuse_control_lora(raw)
     groups: dict = {}
     paths: dict = {}
     unknown = []

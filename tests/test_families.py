@@ -267,3 +267,16 @@ def test_dit_family_markers() -> None:
     assert dit.family_of(["joint_blocks.0.x_block.attn.qkv"]) == "sd3"
     assert dit.family_of(["transformer_blocks.0.attn.add_q_proj", "single_transformer_blocks.0.proj_mlp"]) == "flux"
     assert dit.family_of(["input_blocks.0.0"]) is None
+
+
+def test_flux_control_lora_refused_with_a_clear_message(tmp_path) -> None:
+    """BFL control LoRAs (norm scales replaced, lora_B biases, a widened img_in) are refused by name."""
+    from safetensors.torch import save_file
+    from lib_lycoris.errors import NetworkFileError
+    from lib_lycoris.network import load_network
+    sd = {"img_in.lora_A.weight": torch.zeros(4, 128), "img_in.lora_B.weight": torch.zeros(64, 4),
+          "img_in.lora_B.bias": torch.zeros(64), "double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(8)}
+    save_file(sd, str(tmp_path / "canny.safetensors"))
+    with pytest.raises(NetworkFileError, match="Flux control LoRA") as e:
+        load_network(tmp_path / "canny.safetensors")
+    assert "canny.safetensors" in str(e.value)
