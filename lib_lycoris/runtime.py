@@ -216,7 +216,11 @@ class Runtime:
         if callable(warn):
             act.warnings += warn()
         act.hashes = [(req.name, h) for req, net in act.used if (h := self.short_hash(net.path))]
-        act.te_segments = te_segments(act.requests, steps, hires)
+        # only applied networks that have text-encoder modules: a UNet-only (or missing) network with a
+        # schedule must not make the host encode the prompt once per segment for nothing
+        act.te_segments = te_segments([req for req, net in act.used
+                                       if any(m.component != "unet" for m in net.modules.values())],
+                                      steps, hires)
         for w in act.warnings:     # logged here, once; hosts show them (UI, infotext) without logging again
             log.warning("%s", w)
         act.public_warnings = [self.public_text(w) for w in act.warnings]

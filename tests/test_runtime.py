@@ -79,3 +79,17 @@ def test_public_warnings_carry_no_path_and_no_user_name(tmp_path):
     for w, p in zip(act.warnings, act.public_warnings):
         assert not any(s in p for s in secrets), (w, p)
         assert not re.search(r"""(^|[\s'"(:])(/|~|[A-Za-z]:[\\/]|\\)""", p), p     # no absolute path left
+
+
+def test_te_segments_only_for_networks_with_text_encoder_modules(tmp_path):
+    """A scheduled UNet-only network (or one that failed) must not make the host encode the prompt once
+    per segment (a T5-XXL encode is expensive); one with text-encoder modules does."""
+    tm = tiny_model("sd1", 0)
+    make_network(tmp_path / "unet_only.safetensors", tm.root, "lora", components=("unet",))
+    make_network(tmp_path / "with_te.safetensors", tm.root, "lora")
+    rt = Runtime([tmp_path])
+    p = Patcher(tm.root)
+    assert len(rt.activate(p, "<lora:unet_only:0@1,1@3> <lora:missing:0@1,1@3>", steps=4).te_segments) == 1
+    p.restore()
+    assert len(rt.activate(p, "<lora:with_te:0@1,1@3>", steps=4).te_segments) == 2
+    p.restore()
