@@ -443,7 +443,8 @@ def _common_arch(sources: Sequence["_Source"]) -> str:
             known.setdefault(s.network.base_model, s.network)
     if len(known) > 1:
         raise ExportError("the networks are made for different base models: " + ", ".join(
-            f"{n.path.name} ({a}, {n.base_model_reason})" for a, n in known.items()), file=str(next(iter(known.values())).path))
+            f"{n.path.name} ({a}, {n.base_model_reason})" for a, n in known.items()),
+            file=str(next(iter(known.values())).path))
     return next(iter(known), "unknown")
 
 
@@ -535,11 +536,12 @@ def _plan_model(sources: Sequence["_Source"], shapes: Mapping[str, tuple], step:
     units = []
     for weight, (bound, items) in per_weight.items():
         for t in primaries.get(weight) or [bound]:
-            if not any(_overlaps(it.contribution.place, t.rows) for it in items):
+            mine = [it for it in items if _overlaps(it.contribution.place, t.rows)]
+            if not mine:
                 continue                           # e.g. OpenCLIP's v rows when only q_proj is trained
             whole = tuple(t.weight_shape or t.shape)
             units.append(_Unit(name=output_name(t, mm.arch, prefixes), component=t.component, shape=tuple(t.shape),
-                               whole=whole, rows=t.rows, weight=weight, bias=t.bias, items=items))
+                               whole=whole, rows=t.rows, weight=weight, bias=t.bias, items=mine))
     return units, mm.arch, lines
 
 
@@ -965,7 +967,8 @@ def _metadata(report: ExportReport, base: dict, base_model: Optional[str]) -> di
     return {k: str(v) for k, v in md.items()}
 
 
-def _options(mode: RankMode, dtype: Optional[str], device: Optional[str], clamp: Optional[float], niter: int) -> _Options:
+def _options(mode: RankMode, dtype: Optional[str], device: Optional[str], clamp: Optional[float],
+             niter: int) -> _Options:
     name = dtype or ("fp32" if mode.kind == "exact" else "fp16")
     if name not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, not {name!r}")
