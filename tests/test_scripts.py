@@ -524,3 +524,19 @@ def test_network_file_replaced_on_disk(glue):
     assert p1.extra_generation_params["Lora hashes"] != p2.extra_generation_params["Lora hashes"]
     assert p2.extra_generation_params["Lora hashes"] == f"ink: {addnet_hash(path)[:12]}"
     net.deactivate(p2)
+
+
+def test_export_lora_action_writes_a_card_and_refuses_bad_names(glue):
+    """The WebUI's Export LoRA: the prompt's networks (te/unet weights folded) as one file in the networks
+    folder, which then appears in the index; existing files and names with folders are refused."""
+    from lib_lycoris.errors import LycorisError
+    from lib_lycoris.network import load_network
+    report = glue.mod.export_current("a cat <lora:ink:0.8> <lyco:hat:1:te=0>", "rank", 4, "baked ink")
+    out = glue.dir / "baked ink.safetensors"
+    assert out.is_file() and report.units and 0 < report.retained <= 1
+    assert "baked ink" in [e.relname for e in glue.mod.HOST.runtime.index.entries()]
+    assert load_network(out).modules
+    for bad in ("baked ink", "../escape", "sub/x", ""):
+        with pytest.raises(LycorisError):
+            glue.mod.export_current("<lora:ink:1>", "rank", 4, bad)
+    assert not (glue.dir.parent / "escape.safetensors").exists()

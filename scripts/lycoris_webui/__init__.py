@@ -6,7 +6,8 @@ One module per concern; `scripts/lycoris_loader.py` (the file the host runs) loa
 - `handler`: the `lora` extra network (and its `lyco` alias), registered after the built-in Lora so that
   ours replaces it; activation per batch, hand-back to the built-in, infotext, trigger words;
 - `steps`: per-step weights in `on_cfg_denoiser`, text-encoder schedules spliced into the host's conds;
-- `api`: API routes, infotext paste-back; `page`: the Networks tab page and its metadata editor.
+- `api`: API routes, infotext paste-back; `page`: the Networks tab page and its metadata editor;
+- `export_tab`: the "Export LoRA" action (a tab and `POST /sdapi/v1/lycoris/export`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from lib_lycoris.blocks import ARCHS
 from lib_lycoris.logs import install_fallback_handler
 from lib_lycoris.runtime import DEFAULT_CACHE_BYTES
 
+from . import export_tab
+from .export_tab import export_current
 from .api import base_model_of, inspect_network, network_json, on_app_started, on_infotext_pasted
 from .handler import EXTRA_NETWORK, ExtraNetworkLycoris, insert_words, take_over
 from .host import HOST, MODES, SECTION, Host, model_arch, model_components, tag_name
@@ -23,7 +26,7 @@ from .page import card_item, make_editor, make_page
 from .steps import on_cfg_denoiser, splice_schedules
 
 __all__ = ["EXTRA_NETWORK", "HOST", "ExtraNetworkLycoris", "Host", "base_model_of", "before_component", "before_ui",
-           "card_item", "insert_words", "inspect_network", "make_editor", "make_page", "model_arch",
+           "card_item", "export_current", "insert_words", "inspect_network", "make_editor", "make_page", "model_arch",
            "model_components", "network_json", "on_app_started", "on_cfg_denoiser", "on_infotext_pasted",
            "register", "splice_schedules", "tag_name", "take_over"]
 
@@ -99,4 +102,5 @@ def register() -> None:
     script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
     script_callbacks.on_infotext_pasted(on_infotext_pasted)
     script_callbacks.on_app_started(on_app_started)
+    script_callbacks.on_ui_tabs(export_tab.on_ui_tabs)
     script_callbacks.on_script_unloaded(_unload)

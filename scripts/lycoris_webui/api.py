@@ -116,6 +116,19 @@ def on_app_started(_demo, app) -> None:
         except LycorisError as e:
             raise HTTPException(status_code=404, detail=HOST.runtime.public_text(str(e))) from e
 
+    @app.post("/sdapi/v1/lycoris/export")
+    def export(body: dict):
+        """{"prompt": "<lora:a:0.8> …", "mode": "rank"|"fro"|"size-mb"|"exact", "value": N, "name": "file"}."""
+        from .export_tab import export_current
+        try:
+            report = export_current(str(body.get("prompt", "")), str(body.get("mode", "rank")), body.get("value"),
+                                    str(body.get("name", "")))
+        except LycorisError as e:
+            raise HTTPException(status_code=400, detail=HOST.runtime.public_text(str(e))) from e
+        out = report.to_dict()
+        out["output"] = HOST.runtime.public_text(str(report.output))
+        return out
+
     @app.get("/sdapi/v1/lycoris/status")
     def status():
         reg = extra_networks.extra_network_registry.get("lora")

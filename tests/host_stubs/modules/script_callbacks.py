@@ -9,5 +9,5 @@ def _add(kind):
 
 
 for _kind in ("before_ui", "ui_settings", "model_loaded", "cfg_denoiser", "infotext_pasted", "app_started",
-              "script_unloaded", "before_component"):
+              "script_unloaded", "before_component", "ui_tabs"):
     globals()["on_" + _kind] = _add(_kind)
