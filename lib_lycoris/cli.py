@@ -152,7 +152,7 @@ def _export_options(args: argparse.Namespace) -> dict:
     elif _busy():
         # The SVDs of an export are many small LAPACK calls: with other jobs on the cores, OpenMP threads wait
         # at barriers (measured on a 2-core VM at load 4-8: 2 threads took 11x the CPU time of 1).
-        log.info("load average above the number of CPUs: torch uses 1 thread (--threads overrides)")
+        log.debug("load average above the number of CPUs: torch uses 1 thread (--threads overrides)")
         torch_threads(1)
     return {"dtype": args.dtype, "device": args.device, "clamp_quantile": args.clamp_quantile, "niter": args.niter,
             "progress": _staged_progress(sys.stderr)}
