@@ -466,17 +466,24 @@ def test_interrupted_scheduled_generation_next_starts_from_base(glue):
     assert _same(glue.tm.root, base)
 
 
-def test_checkpoint_switch_never_writes_a_stale_backup(glue):
-    """Backups kept, then the host loads another checkpoint's weights into the same model object: without
-    the tag the model is the new checkpoint bit for bit; with it, the new checkpoint + the network."""
+def _switch_checkpoint(glue, behind_autograd: bool):
+    """A generation with a network (backups kept on a CPU model), then another checkpoint's weights copied
+    into the same parameters, as A1111 loads a checkpoint of the same architecture."""
     net = glue.mod.EXTRA_NETWORK
     p = _p(glue.shared)
     net.activate(p, _params(glue.en, "<lora:ink:1>"))
-    net.deactivate(p)                                                      # backups kept (CPU model)
+    net.deactivate(p)
     other = tiny_model("sd1", 7)
     with torch.no_grad():
         for (_, a), (_, b) in zip(glue.tm.root.named_parameters(), other.root.named_parameters()):
-            a.copy_(b)
+            (a.data if behind_autograd else a).copy_(b)
+    return net, p, other
+
+
+def test_checkpoint_switch_never_writes_a_stale_backup(glue):
+    """Backups kept, then the host loads another checkpoint's weights into the same model object: without
+    the tag the model is the new checkpoint bit for bit; with it, the new checkpoint + the network."""
+    net, p, other = _switch_checkpoint(glue, behind_autograd=False)
     glue.mod.HOST.model_loaded(glue.shared.sd_model)                      # the host's on_model_loaded
     new_base = _snapshot(glue.tm.root)
     net.activate(p, [])
@@ -492,14 +499,7 @@ def test_checkpoint_switch_never_writes_a_stale_backup(glue):
 
 def test_checkpoint_switch_without_the_host_callback(glue):
     """The same, when no model-loaded callback comes (the kept backups' own checks catch it)."""
-    net = glue.mod.EXTRA_NETWORK
-    p = _p(glue.shared)
-    net.activate(p, _params(glue.en, "<lora:ink:1>"))
-    net.deactivate(p)
-    other = tiny_model("sd1", 7)
-    with torch.no_grad():
-        for (_, a), (_, b) in zip(glue.tm.root.named_parameters(), other.root.named_parameters()):
-            a.data.copy_(b)                       # behind autograd's back: only the samples can tell
+    net, p, _ = _switch_checkpoint(glue, behind_autograd=True)   # only the kept backups' samples can tell
     new_base = _snapshot(glue.tm.root)
     net.activate(p, _params(glue.en, "<lora:ink:1>"))
     net.deactivate(p)
