@@ -17,6 +17,7 @@ them. Everything here is pure: names and shapes in, entries out.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
@@ -123,6 +124,7 @@ def is_native(modules: Iterable[str]) -> bool:
     return any(_NATIVE_MARK.match(m) for m in modules)
 
 
+@functools.lru_cache(maxsize=None)   # a few dozen templates, matched against every module of a model
 def _pattern(template: str) -> "re.Pattern":
     return re.compile("^" + re.escape(template).replace(r"\{n\}", r"(\d+)") + "$")
 
@@ -159,10 +161,15 @@ def _row_parts(kind: str, rows: int, width: int) -> list:
     return [(0, h), (h, 2 * h), (2 * h, 3 * h), (3 * h, rows)]
 
 
-def _depth(modules: Iterable[str], native: bool) -> int:
-    key = r"joint_blocks" if native else r"transformer_blocks"
-    found = [int(m[1]) for m in (re.match(rf"^{key}\.(\d+)\.", p) for p in modules) if m]
-    return max(found) + 1 if found else 0
+def block_counts(modules: Iterable[str], native: bool) -> tuple:
+    """(double-stream / SD3 joint blocks, Flux single-stream blocks) of a denoiser's module paths."""
+    modules = list(modules)
+
+    def count(key: str) -> int:
+        found = [int(m[1]) for m in (re.match(rf"^{key}\.(\d+)\.", p) for p in modules) if m]
+        return max(found) + 1 if found else 0
+    return (count(r"(?:joint_blocks|double_blocks)" if native else r"transformer_blocks"),
+            count(r"single_blocks" if native else r"single_transformer_blocks"))
 
 
 def expand(family: str, shapes: Mapping[str, tuple]) -> list:
@@ -172,7 +179,7 @@ def expand(family: str, shapes: Mapping[str, tuple]) -> list:
     """
     rules = RULES[family]
     native = is_native(shapes)
-    depth = _depth(shapes, native) if family == "sd3" else 0
+    depth = block_counts(shapes, native)[0] if family == "sd3" else 0
     out = []
     for module, shape in shapes.items():
         rule, n, index = _match(rules, module, native, depth)

@@ -298,11 +298,7 @@ class ModelMap:
         self.family = family
         native = dit.is_native(modules)
         self.styles["unet"] = "native" if native else "diffusers"
-        def count(key: str) -> int:
-            found = [int(m[1]) for m in (re.match(rf"^{key}\.(\d+)\.", p) for p in modules) if m]
-            return max(found) + 1 if found else 0
-        self.depth = count(r"(?:joint_blocks|double_blocks)" if native else r"transformer_blocks")
-        self.singles = count(r"single_blocks" if native else r"single_transformer_blocks")
+        self.depth, self.singles = dit.block_counts(modules, native)
         fused: dict = {}   # diffusers layout: native fused path -> [(part index, Target)]
         for e in dit.expand(family, {m: params[m + ".weight"] for m in modules}):
             self._add("unet", prefix, e.module, params, (e.module, *e.aliases), e.native, e.native)

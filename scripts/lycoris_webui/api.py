@@ -9,7 +9,7 @@ from modules import extra_networks
 from lib_lycoris.errors import LycorisError
 from lib_lycoris.files import read_metadata
 
-from .handler import ExtraNetworkLycoris, take_over
+from .handler import EXTRA_NETWORK, ExtraNetworkLycoris, take_over
 from .host import _TAG_NAME, HOST, INFOTEXT_HASHES, tag_name
 
 log = logging.getLogger("lycoris")
@@ -91,11 +91,6 @@ def _replace_routes(app, paths: set) -> None:
     app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in paths]
 
 
-def EXTRA_NETWORK_REF():
-    from .handler import EXTRA_NETWORK
-    return EXTRA_NETWORK
-
-
 def on_app_started(_demo, app) -> None:
     from fastapi import HTTPException
     take_over()
@@ -141,5 +136,5 @@ def on_app_started(_demo, app) -> None:
                 "cache": {"networks": len(HOST.runtime.cache), "bytes": HOST.runtime.cache.nbytes,
                           "hits": HOST.runtime.cache.hits, "misses": HOST.runtime.cache.misses},
                 "active": [r.name for r, _ in act.used] if act else [],
-                "handed_back": EXTRA_NETWORK_REF().handed_back,
-                "builtin": type(EXTRA_NETWORK_REF().builtin).__name__ if EXTRA_NETWORK_REF().builtin else None}
+                "handed_back": EXTRA_NETWORK.handed_back,
+                "builtin": type(EXTRA_NETWORK.builtin).__name__ if EXTRA_NETWORK.builtin else None}
