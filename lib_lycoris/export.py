@@ -89,6 +89,8 @@ MB = 10 ** 6
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Lines of the per-unit report the CLI prints (the worst by relative error); --report FILE.json has all.
 TOP_LINES = 10
+# The rank modes as the hosts' "Export LoRA" actions offer them (UI choice, API `mode`): `RankMode.from_choice`.
+RANK_CHOICES = ("rank", "fro", "size-mb", "exact")
 
 _SS_BASE = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 _MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl-v1-base",
@@ -153,6 +155,24 @@ class RankMode:
     @classmethod
     def exact(cls) -> "RankMode":
         return cls("exact")
+
+    @classmethod
+    def from_choice(cls, choice: str, value: Optional[float] = None) -> "RankMode":
+        """The mode a host's UI or API names: 'rank' N, 'fro' F, 'size-mb' M (`RANK_CHOICES`), or 'exact' (no
+        value). Raises ExportError for an unknown choice or a missing, non-numeric or non-finite value."""
+        if choice == "exact":
+            return cls.exact()
+        if choice not in RANK_CHOICES:
+            raise ExportError(f"unknown rank mode {choice!r}; one of {', '.join(RANK_CHOICES)}")
+        what = {"rank": "the rank N", "fro": "the fraction F of ‖ΔW‖² to keep",
+                "size-mb": "the size budget M in megabytes"}[choice]
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise ExportError(f"rank mode {choice!r} needs a number: {what}")
+        return cls("size" if choice == "size-mb" else choice, number)
 
     def describe(self) -> str:
         return {"rank": f"rank {int(self.value)}", "fro": f"fro {self.value:g}",
@@ -1041,7 +1061,8 @@ class AtStep:
 def export_networks(networks: Sequence[tuple], output: PathLike, mode: RankMode, *,
                     model: Union[PathLike, Mapping[str, Tensor], None] = None, dtype: Optional[str] = None,
                     device: Optional[str] = None, clamp_quantile: Optional[float] = None, te_min_diff: float = 0.0,
-                    niter: int = svd.NITER, strict: bool = True, progress: Optional[Progress] = None) -> ExportReport:
+                    niter: int = svd.NITER, strict: bool = True, progress: Optional[Progress] = None,
+                    model_name: Optional[str] = None) -> ExportReport:
     """Write one LoRA/LoCon approximating Σ m_i·ΔW_i of (Network, request) pairs to `output` (see module doc).
 
     Args:
@@ -1053,6 +1074,8 @@ def export_networks(networks: Sequence[tuple], output: PathLike, mode: RankMode,
         te_min_diff: leave out a text encoder whose max |ΔW| is at most this (0: only if unchanged).
         strict: refuse modules the model lacks or does not fit (PartialMergeError), as `merge`.
         progress: called (stage, done, total) per unit; stage 'spectra' (size mode, pass 1) or 'modules'.
+        model_name: the base model's name in the metadata (`ss_sd_model_name`; default: the checkpoint's file
+            name, or 'state dict' for a state dict).
     Returns: the ExportReport (also for the metadata written).
     Raises: LycorisError subclasses naming the file; nothing is written then.
     """
@@ -1064,7 +1087,7 @@ def export_networks(networks: Sequence[tuple], output: PathLike, mode: RankMode,
         sources.append(_Source(net, req, net.name, _source_info(net, _strength_info(req))))
     return _export("export", sources, output, mode, model=model, dtype=dtype, device=device,
                    clamp_quantile=clamp_quantile, te_min_diff=te_min_diff, niter=niter, strict=strict,
-                   progress=progress)
+                   progress=progress, base_name=model_name)
 
 
 def _strength_info(req) -> dict:
@@ -1095,13 +1118,11 @@ def export_prompt(prompt: str, networks, output: PathLike, mode: RankMode, *, st
     from .names import NetworkIndex
     from .tags import parse_prompt
     parsed = parse_prompt(prompt)
-    written = len(re.findall(r"<(?:lora|lyco):", prompt, flags=re.IGNORECASE))
-    if len(parsed.requests) < written:
-        raise ExportError("some tags cannot be used: " + "; ".join(parsed.warnings), key=prompt[:80])
+    if parsed.warnings:   # a generation goes on with the fallback and shows it; a file would keep it silently
+        raise ExportError(f"{'; '.join(parsed.warnings)}. An export takes the tags exactly as written: fix "
+                          f"{'it' if len(parsed.warnings) == 1 else 'them'} first", key=prompt[:80])
     if not parsed.requests:
         raise ExportError("the prompt has no <lora:…> or <lyco:…> tag", key=prompt[:80])
-    for w in parsed.warnings:
-        log.warning("%s", w)
     if (step is None) != (total_steps is None):
         raise ExportError("--step and --steps go together (the step to export, of how many)")
     if step is not None and not 1 <= step <= total_steps:

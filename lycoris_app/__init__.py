@@ -10,7 +10,8 @@ WebUI would otherwise provide:
 - `examples`  example networks of several types for the default model (kohya keys, metadata, previews)
 - `sampling`  the sampling loop: CFG over a diffusers scheduler, the Patcher moved at every step,
               text conditioning per te segment, optional hires pass; infotext
-- `ui`        the Gradio app (127.0.0.1 only); `__main__` the CLI (`serve`, `generate`, `networks`)
+- `export`    the "Export LoRA" action: the prompt's tags as one LoRA in <data dir>/networks/exports/
+- `ui`        the Gradio app (127.0.0.1 only); `__main__` the CLI (`serve`, `generate`, `networks`, `export`)
 
 The engine never imports this package, gradio or diffusers (tests/test_boundary.py).
 """

@@ -1,13 +1,16 @@
-"""Command line: `python -m lycoris_app serve | generate | networks`.
+"""Command line: `python -m lycoris_app serve | generate | networks | export`.
 
     python -m lycoris_app serve [--port 7861]                       # the Gradio app on 127.0.0.1
     python -m lycoris_app generate "a cat <lora:inkwash_lora:0.8>" --steps 4 --seed 1 -o out.png
     python -m lycoris_app generate "P1" "P2" -o out.png              # one model load: out-0.png, out-1.png
     python -m lycoris_app networks [--json]                          # what the Networks panel shows
+    python -m lycoris_app export "<lora:inkwash_lora:0.8> <lora:moss_loha:0.5>" --name mix --exact
+                                     # one LoRA in <data dir>/networks/exports/mix.safetensors: <lora:exports/mix:1>
 
 Common options: --data-dir, --ckpt FILE.safetensors (default: the embedded default model),
 --networks DIR (more network folders), --threads N, --device cpu|cuda.
 Exit status of `generate`: 0 with an image even when tags warn (warnings go to stderr); 2 for bad options.
+Exit status of `export`: 0 when written; 2 with one `error:` line on stderr when refused (nothing is written).
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lib_lycoris.export import DTYPES
+
     from .sampling import SAMPLERS
 
     ap = argparse.ArgumentParser(prog="python -m lycoris_app", description=__doc__.split("\n")[0])
@@ -61,6 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     n = sub.add_parser("networks", help="list the networks (base model, types, trigger words)")
     _common(n)
     n.add_argument("--json", action="store_true")
+    e = sub.add_parser("export", help="the prompt's networks as one LoRA in <data dir>/networks/exports/")
+    _common(e)
+    e.add_argument("prompt", help="prompt with the <lora:...>/<lyco:...> tags to export (other text is ignored)")
+    e.add_argument("--name", required=True, help="file name (no folder); the tag is then <lora:exports/NAME:1>")
+    mode = e.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--rank", type=int, metavar="N", help="each module's best rank-N approximation")
+    mode.add_argument("--fro", type=float, metavar="F", help="the smallest rank keeping fraction F of ‖ΔW‖²")
+    mode.add_argument("--size-mb", type=float, metavar="M", help="M megabytes (10^6 bytes) of lora_up/lora_down")
+    mode.add_argument("--exact", action="store_true", help="lossless (verified; default dtype fp32)")
+    e.add_argument("--dtype", choices=sorted(DTYPES), help="default fp16, fp32 with --exact")
+    e.add_argument("--step", type=int, help="the step whose weights to export (tags with per-step weights)")
+    e.add_argument("--steps", type=int, help="of how many steps (with --step)")
+    e.add_argument("--overwrite", action="store_true", help="replace an earlier export of that name")
+    e.add_argument("--json", action="store_true", help="print the result and the whole report as JSON")
     return ap
 
 
@@ -133,6 +152,33 @@ def cmd_networks(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from lib_lycoris.errors import LycorisError
+    from lib_lycoris.export import MB
+
+    from .app import open_session
+    from .export import export_from_prompt, one_line
+
+    given = [(m, v) for m, v in (("rank", a.rank), ("fro", a.fro), ("size-mb", a.size_mb)) if v is not None]
+    mode, value = ("exact", None) if a.exact else given[0]
+    session = open_session(_config(a))
+    try:
+        x = export_from_prompt(session, a.prompt, mode, value, a.name, dtype=a.dtype, step=a.step, steps=a.steps,
+                               overwrite=a.overwrite)
+    except LycorisError as e:
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(x.to_dict(), ensure_ascii=False))
+        return 0
+    print(f"{'replaced' if x.replaced else 'wrote'} {x.path} ({x.size / MB:.3f} MB)")
+    print(x.report.summary())
+    for line in x.report.lines:
+        print(f"  {line}")
+    print(f"tag: {x.tag}")
+    return 0
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from .app import open_session
     from .ui import serve
@@ -148,7 +194,8 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not a.verbose:   # the engine's per-tag warnings come back in the result and are printed once
         logging.getLogger("lycoris").setLevel(logging.ERROR)
-    return {"generate": cmd_generate, "networks": cmd_networks, "serve": cmd_serve}[a.command](a)
+    return {"generate": cmd_generate, "networks": cmd_networks, "export": cmd_export,
+            "serve": cmd_serve}[a.command](a)
 
 
 if __name__ == "__main__":

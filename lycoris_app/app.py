@@ -3,6 +3,7 @@
 Data dir (default `~/.cache/lycoris_app`, or `--data-dir`, or $LYCORIS_APP_DATA):
 
     networks/                 network files (+ <name>.preview.png), the tags' namespace
+    networks/exports/         what Export LoRA writes (`export.py`): listed and tagged as exports/<name>
     bpe_simple_vocab_16e6.txt.gz   the CLIP BPE file, when open-clip-torch is not installed
 
 With no checkpoint the embedded default model is built (fixed seed) and the example networks are

@@ -24,9 +24,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -199,6 +200,15 @@ class Session:
                 return self._generate(p, progress or (lambda s, n, phase: None), t0)
             finally:
                 self.patcher.restore()
+
+    @contextmanager
+    def unpatched(self) -> Iterator[dict]:
+        """The model's own weights (no network applied: every generation restores them) as a state dict named
+        as `Model.patch_root` names them, held against a concurrent generation until the block ends: the base
+        an export reads for the types whose ΔW depends on W (DoRA, OFT, BOFT, IA3, GLoRA). The tensors are the
+        model's own (no copy): read them, never write them."""
+        with self._lock:
+            yield self.model.patch_root().state_dict()
 
     # --- internals ------------------------------------------------------------------------------------
     def _generate(self, p: GenParams, progress: Progress, t0: float) -> GenResult:

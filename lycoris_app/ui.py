@@ -5,8 +5,10 @@ merge/bypass), a Networks panel with one card per network file (preview, base-mo
 trigger words; its button inserts the tag), and the outputs of Generate: the image (a PNG with the
 infotext in its `parameters` chunk, saved under <data dir>/outputs), the infotext, every warning, and a
 plot of each network's te/unet weight per step (steps for hold schedules, ramps for interp=linear, one line
-per UNet block group where a tag has block weights; `GenResult.weight_rows`). All work is `Session.generate`;
-this file only lays out.
+per UNet block group where a tag has block weights; `GenResult.weight_rows`). An *Export LoRA* panel writes
+the prompt's tags as one LoRA into <data dir>/networks/exports (`export.export_from_prompt`), shows the report
+and the new card, and can put the export's tag in the prompt. All work is `Session.generate` and
+`export_from_prompt`; this file only lays out.
 """
 from __future__ import annotations
 
@@ -14,13 +16,19 @@ import html
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # no telemetry calls from a local tool
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from lib_lycoris.errors import LycorisError
+from lib_lycoris.export import RANK_CHOICES
+
 from .app import network_cards
+from .export import (DTYPE_AUTO, DTYPE_CHOICES, MODE_DEFAULTS, error_html, export_from_prompt, exports_dir,
+                     prompt_with, report_html)
 from .sampling import SAMPLERS, GenParams, Session, save_png
 
 log = logging.getLogger("lycoris_app")
@@ -36,6 +44,8 @@ CSS = """
 .triggers { font-size: 12px; opacity: .8; }
 #warnings textarea { color: #b45309; }
 #result-image img { min-width: 256px; image-rendering: pixelated; }   /* 64×64 default images, shown 4× */
+.export-error { color: #b91c1c; }
+#export-result table { font-size: 12px; }
 """
 # Series colors of the weight plot: Vega's 'tableau10' scheme (vega-scale, schemes.js), the Vega default.
 PLOT_COLORS = ("#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6",
@@ -97,6 +107,19 @@ def build(session: Session) -> gr.Blocks:
         frame = weight_frame(r.weight_rows())
         return str(path), r.infotext, warnings, frame, series_colors(frame)
 
+    def export(prompt_text, mode_name, number, dtype, file_name, step, total, overwrite, progress=gr.Progress()):
+        """The Export LoRA button: (result HTML, the 'use it' button, the exported tag state)."""
+        try:
+            x = export_from_prompt(session, prompt_text or "", mode_name, number, file_name or "", dtype=dtype,
+                                   step=int(step) if step else None, steps=int(total), overwrite=bool(overwrite),
+                                   progress=lambda stage, done, n: progress((done, n), desc=stage))
+        except LycorisError as e:
+            log.warning("export refused: %s", e)
+            return error_html(str(e)), gr.Button(visible=False), gr.skip()
+        log.info("exported %s: %s", x.relname, x.report.summary())
+        # The time makes every export a change of the state, which re-renders the network cards.
+        return report_html(x), gr.Button(visible=True), {"tag": x.tag, "at": time.time()}
+
     with gr.Blocks(title="LyCORIS standalone", analytics_enabled=False) as demo:
         gr.Markdown(f"## LyCORIS networks: standalone host\nModel: **{model.name}** ({model.arch.upper()}, "
                     f"hash {model.short_hash})")
@@ -129,6 +152,28 @@ def build(session: Session) -> gr.Blocks:
                     mode = gr.Radio(["merge", "bypass"], value="merge", label="Network mode",
                                     info="merge writes the weights; bypass adds forward hooks")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Accordion("Export LoRA", open=False, elem_id="export-panel"):
+                    gr.Markdown("The networks of the prompt's tags, with their strengths and block weights, as "
+                                f"one LoRA file in `{exports_dir(session)}`; it then shows in Networks as "
+                                "`exports/<name>`. A tag whose weight changes per step is exported at the step "
+                                "named below (of *Steps* above); hires weights are not used.")
+                    with gr.Row():
+                        ex_mode = gr.Radio(list(RANK_CHOICES), value="rank", label="Rank mode", elem_id="export-mode")
+                        ex_value = gr.Number(value=MODE_DEFAULTS["rank"], elem_id="export-value",
+                                             label="rank N / kept fraction F of ‖ΔW‖² / size in MB (10^6 bytes)")
+                        ex_dtype = gr.Dropdown(list(DTYPE_CHOICES), value=DTYPE_AUTO, label="dtype",
+                                               info="auto: fp16, fp32 for exact", elem_id="export-dtype")
+                    with gr.Row():
+                        ex_name = gr.Textbox(label="File name", placeholder="my_mix", elem_id="export-name")
+                        ex_step = gr.Number(value=0, precision=0, minimum=0, elem_id="export-step",
+                                            label="Step to export (for per-step weights; 0 = none)")
+                        ex_over = gr.Checkbox(value=False, label="Overwrite an existing export",
+                                              elem_id="export-overwrite")
+                    ex_go = gr.Button("Export LoRA", elem_id="export-button")
+                    ex_result = gr.HTML(elem_id="export-result")
+                    ex_use = gr.Button("Use the exported tag in the prompt", visible=False, size="sm",
+                                       elem_id="export-use")
+                    exported = gr.State(None)
             with gr.Column(scale=2):
                 image = gr.Image(label="Image", type="filepath", format="png", elem_id="result-image",
                                  interactive=False, height=320)
@@ -141,7 +186,7 @@ def build(session: Session) -> gr.Blocks:
         with gr.Accordion("Networks", open=True, elem_id="networks-panel"):
             refresh = gr.Button("Refresh", size="sm", elem_id="networks-refresh")
 
-            @gr.render(triggers=[demo.load, refresh.click])
+            @gr.render(triggers=[demo.load, refresh.click, exported.change])
             def cards():
                 found = network_cards(session)
                 if not found:
@@ -162,6 +207,12 @@ def build(session: Session) -> gr.Blocks:
         # Setting the colors in a second event, once the new data is on the page, redraws it with every series.
         go.click(generate, inputs=inputs, outputs=[image, info, warn, plot, colors], concurrency_limit=1).then(
             lambda c: gr.LinePlot(color_map=c), inputs=colors, outputs=plot)
+        ex_mode.change(lambda m: gr.Number(value=MODE_DEFAULTS[m], interactive=m != "exact"), inputs=ex_mode,
+                       outputs=ex_value)
+        ex_go.click(export, inputs=[prompt, ex_mode, ex_value, ex_dtype, ex_name, ex_step, steps, ex_over],
+                    outputs=[ex_result, ex_use, exported], concurrency_limit=1)
+        ex_use.click(lambda p, state: prompt_with(p, state["tag"]) if state else p, inputs=[prompt, exported],
+                     outputs=prompt)
     demo.lycoris_outputs = outputs
     return demo
 

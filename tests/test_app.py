@@ -338,3 +338,158 @@ def test_weight_plot_splits_a_block_group_that_lbw_splits_and_labels_hires():
     assert by_label["x unet out OUT00-OUT05 (hires)"] == (0.25,) * 2
     rows = GenResult(image=None, infotext="", warnings=[], series=series).weight_rows()
     assert {s for s, _, label in rows if label.endswith("(hires)")} == {4, 5}    # after the 3 first-pass steps
+
+
+# --------------------------------------------------------------------------------------------------
+# Export LoRA (#13): the prompt's tags as one file in networks/exports, listed, and usable by its tag
+
+EXPORT_PROMPT = f"a red cat <lora:{LORA}:0.8> <lora:moss_loha:0.5>"
+EXPORT_INPUTS = ((LORA, 0.8), ("moss_loha", 0.5))
+
+
+def _raw_modules(path: Path) -> dict:
+    """module name -> {suffix: float64 tensor} of a kohya-style file (one spelling of SD1's text encoder)."""
+    from safetensors.torch import load_file
+
+    out: dict = {}
+    for key, v in load_file(str(path)).items():
+        name, suffix = key.split(".", 1)
+        out.setdefault(name.replace("lora_te1_", "lora_te_"), {})[suffix] = v.double()
+    return out
+
+
+def _raw_delta(t: dict):
+    """ΔW (out, in·kh·kw) of one module from its raw tensors, float64, by the formulas of the LyCORIS papers
+    (LoRA: up @ down · alpha/rank; LoHa: (w1a @ w1b) ⊙ (w2a @ w2b) · alpha/rank; a full diff as it is): no
+    code of ours."""
+    if "diff" in t:
+        return t["diff"].reshape(t["diff"].shape[0], -1)
+    if "lora_down.weight" in t:
+        down, up = t["lora_down.weight"], t["lora_up.weight"]
+        rank = down.shape[0]
+        return up.reshape(up.shape[0], rank) @ down.reshape(rank, -1) * float(t["alpha"]) / rank
+    if "hada_w1_a" in t:
+        rank = t["hada_w1_b"].shape[0]
+        w1 = t["hada_w1_a"] @ t["hada_w1_b"].reshape(rank, -1)
+        w2 = t["hada_w2_a"] @ t["hada_w2_b"].reshape(rank, -1)
+        return w1 * w2 * float(t["alpha"]) / rank
+    raise AssertionError(f"unexpected module keys {sorted(t)}")
+
+
+@pytest.fixture(scope="module")
+def exported(session):
+    from lycoris_app.export import export_from_prompt
+
+    return export_from_prompt(session, EXPORT_PROMPT, "exact", name="ink+moss mix")
+
+
+def test_export_writes_the_sum_of_the_scaled_inputs(exported, data_dir):
+    """The file is Σ m·ΔW of the prompt's two networks, module by module, within the exact mode's tolerance."""
+    import json as _json
+
+    from lib_lycoris.export import EXACT_VERIFY
+    from lib_lycoris.files import read_metadata
+    from lib_lycoris.network import load_network
+
+    networks = data_dir / "networks"
+    assert exported.path == networks / "exports" / "ink+moss mix.safetensors"
+    assert exported.tag == "<lora:exports/ink+moss mix:1>" and not exported.replaced
+    assert exported.size == exported.path.stat().st_size
+    net = load_network(exported.path)                     # our loader reads it
+    assert net.modules and {m.algo for m in net.modules.values()} <= {"lora", "full"}
+    want: dict = {}
+    for name, m in EXPORT_INPUTS:
+        for module, t in _raw_modules(networks / f"{name}.safetensors").items():
+            want[module] = want.get(module, 0) + m * _raw_delta(t)
+    got = {module: _raw_delta(t) for module, t in _raw_modules(exported.path).items()}
+    assert set(got) == set(want)
+    worst = max(float((got[k] - want[k]).norm() / want[k].norm()) for k in want)
+    assert worst <= EXACT_VERIFY, worst
+    md = read_metadata(exported.path)
+    assert md["ss_sd_model_name"] == "lycoris-tiny-sd1" and md["ss_output_name"] == "ink+moss mix"
+    sources = _json.loads(md["lycoris_export"])["sources"]
+    assert [s["tag"] for s in sources] == [f"<lora:{LORA}:0.8>", "<lora:moss_loha:0.5>"]
+    assert exported.report.max_rel_error <= EXACT_VERIFY
+
+
+def test_export_is_listed_and_its_tag_gives_the_two_tag_image(exported, session):
+    from lycoris_app.app import network_cards
+    from lycoris_app.export import prompt_with, report_html
+
+    cards = {c["name"]: c for c in network_cards(session)}
+    card = cards["exports/ink+moss mix"]
+    assert card["tag"] == exported.tag and card["error"] is None and card["base_model"] == "sd1"
+    assert prompt_with(EXPORT_PROMPT, exported.tag) == f"a red cat {exported.tag}"
+    base = _gen(session, "a red cat").astype(int)
+    both = _gen(session, EXPORT_PROMPT).astype(int)
+    one = _gen(session, prompt_with(EXPORT_PROMPT, exported.tag)).astype(int)
+    effect = np.abs(both - base).mean()
+    assert effect > 1.0, "the two networks did not change the image"
+    assert np.abs(one - both).max() <= 2 and np.abs(one - both).mean() < 0.01 * effect
+    page = report_html(exported)
+    assert "exports/ink+moss mix.safetensors" in page and "&lt;lora:exports/ink+moss mix:1&gt;" in page
+    assert "retained energy 1.000000" in page
+
+
+def test_export_refusals_are_one_message_and_write_nothing(session, exported):
+    from lib_lycoris.errors import LycorisError
+    from lycoris_app.export import export_from_prompt
+
+    folder = exported.path.parent
+    before = sorted(p.name for p in folder.iterdir())
+    cases = {
+        f"a cat <lora:{LORA}:abc>": ("rank", 4, "not a number"),                  # bad tag
+        "a cat <lora:no_such_network:1>": ("rank", 4, "no network called 'no_such_network'"),
+        f"a cat <lora:{LORA}:0@1,1@3>": ("rank", 4, "give the step to export"),    # a schedule, no step
+        "a cat": ("rank", 4, "no <lora:"),
+        f"a cat <lora:{LORA}:1>": ("rank", None, "needs a number"),
+        f"a cat <lora:{LORA}:0.5>": ("fro", 1.5, "fraction"),
+    }
+    for prompt, (mode, value, words) in cases.items():
+        with pytest.raises(LycorisError) as e:
+            export_from_prompt(session, prompt, mode, value, name="refused")
+        assert words in str(e.value) and "\n" not in str(e.value), (prompt, str(e.value))
+    with pytest.raises(LycorisError, match="outside 1..4"):
+        export_from_prompt(session, f"<lora:{LORA}:0@1,1@3>", "rank", 4, name="refused", step=5, steps=4)
+    with pytest.raises(LycorisError, match="exists; choose another name, or allow overwriting"):
+        export_from_prompt(session, EXPORT_PROMPT, "rank", 4, name="ink+moss mix")
+    assert sorted(p.name for p in folder.iterdir()) == before
+    # A schedule at a named step: the weights of that step (0 before the keyframe at 3: nothing to export).
+    at3 = export_from_prompt(session, f"<lora:{LORA}:0@1,1@3>", "rank", 4, name="ink at step 3", step=3, steps=4)
+    assert at3.report.units and '"step": 3' in json.dumps(at3.report.sources)
+    with pytest.raises(LycorisError, match="nothing to export"):
+        export_from_prompt(session, f"<lora:{LORA}:0@1,1@3>", "rank", 4, name="ink at step 1", step=1, steps=4)
+    again = export_from_prompt(session, f"<lora:{LORA}:0.3>", "rank", 2, name="ink at step 3", overwrite=True)
+    assert again.replaced and again.report.mode.describe() == "rank 2"
+
+
+@pytest.mark.parametrize("name", ["../escape", "..", "/tmp/escape", "sub/escape", "sub\\escape", ".hidden", "",
+                                  "   ", "nul\x00byte", "line\nbreak", "C:escape", "~escape", "x" * 200,
+                                  LORA, LORA.upper(), "moss_loha.safetensors"])
+def test_export_names_cannot_leave_the_folder_or_take_a_tag(session, data_dir, name):
+    from lib_lycoris.errors import LycorisError
+    from lycoris_app.export import export_from_prompt
+
+    def files() -> set:
+        return {p for p in data_dir.rglob("*") if p.is_file()} | {p for p in Path("/tmp").glob("escape*")}
+
+    before = files()
+    with pytest.raises(LycorisError) as e:
+        export_from_prompt(session, f"<lora:{LORA}:1>", "rank", 4, name=name)
+    assert ("plain file name" in str(e.value) or "is taken" in str(e.value)
+            or "give a file name" in str(e.value)), str(e.value)
+    assert files() == before
+
+
+def test_cli_export_writes_and_refuses(cli_run, data_dir):
+    r = _cli("export", f"<lora:{LORA}:0.6> <lyco:brass_lokr:0.4>", "--name", "cli mix", "--rank", "4", "--json",
+             data_dir=data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["tag"] == "<lora:exports/cli mix:1>" and Path(out["output"]).is_file()
+    assert 0 < out["report"]["retained_energy"] <= 1 and out["report"]["mode"] == {"kind": "rank", "value": 4.0}
+    r = _cli("export", "<lora:no_such_network:1>", "--name", "cli bad", "--exact", data_dir=data_dir)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: no network called 'no_such_network'"), r.stderr
+    assert not (data_dir / "networks" / "exports" / "cli bad.safetensors").exists()

@@ -165,3 +165,42 @@ def test_weight_plot_draws_steps_and_block_lines(page):
     assert not any(a[0] != b[0] and a[1] != b[1] for a, b in zip(points, points[1:])), f"a ramp in {d}"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.locator("#weights-plot").screenshot(path=str(ARTIFACTS / "weights-plot.png"))
+
+
+def test_export_lora_from_the_page(server, page):
+    """Export LoRA: a bad name is one message; then the prompt's two tags become one file, its card appears, its tag
+    replaces them in the prompt, and generating with it names the export in `Lora hashes`."""
+    from lib_lycoris.files import addnet_hash
+
+    url, data = server
+    prompt = page.locator("#prompt textarea")
+    prompt.fill("a lighthouse <lora:inkwash_lora:0.8> <lora:moss_loha:0.5>")
+    page.locator("#export-panel > button.label-wrap").click()
+    result = page.locator("#export-result")
+    page.locator("#export-name textarea, #export-name input").first.fill("../escape")
+    page.locator("#export-button").click()
+    expect(result).to_contain_text("Not exported:", timeout=GENERATE_TIMEOUT_MS)
+    expect(result).to_contain_text("not a plain file name")
+    expect(page.locator("#export-use")).to_be_hidden()
+
+    page.locator("#export-mode").get_by_text("exact", exact=True).click()
+    expect(page.locator("#export-value input")).to_be_disabled()
+    page.locator("#export-name textarea, #export-name input").first.fill("page mix")
+    page.locator("#export-button").click()
+    tag = "<lora:exports/page mix:1>"
+    expect(result).to_contain_text(tag, timeout=GENERATE_TIMEOUT_MS)
+    expect(result).to_contain_text("retained energy 1.000000")
+    path = data / "networks" / "exports" / "page mix.safetensors"
+    expect(result).to_contain_text(str(path))
+    assert path.is_file()
+    expect(page.locator("#card-exports-page-mix")).to_contain_text("SD1", timeout=30_000)   # the new card
+
+    page.locator("#export-use").click()
+    expect(prompt).to_have_value(f"a lighthouse {tag}")
+    page.locator("#generate").click()
+    short = addnet_hash(path)[:12]
+    hashes = re.compile(re.escape(f'Lora hashes: "exports/page mix: {short}"'))
+    expect(page.locator("#infotext textarea")).to_have_value(hashes, timeout=GENERATE_TIMEOUT_MS)
+    expect(page.locator("#warnings textarea")).to_have_value("no warnings")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app-export.png"), full_page=True)

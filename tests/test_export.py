@@ -394,6 +394,10 @@ def test_prompt_form_folds_te_and_block_weights_and_refuses_schedules(sd1):
     with pytest.raises(ExportError, match="step"):
         export_prompt("<lora:lora:0@0,1@0.5>", [d], d / "s.safetensors", RankMode.rank(2), device="cpu")
     assert _no_output(d, "s.safetensors")
+    for bad in ("<lora:lora:abc>", "<lora:lora:0.8:bogus=1>"):   # a generation falls back; a file must not
+        with pytest.raises(ExportError, match="exactly as written"):
+            export_prompt(f"{bad} <lora:loha:0.5>", [d], d / "s.safetensors", RankMode.exact(), device="cpu")
+        assert _no_output(d, "s.safetensors")
     export_prompt("<lora:lora:0@0,1@0.5>", [d], d / "s.safetensors", RankMode.exact(), step=8, total_steps=10,
                   device="cpu")
     at8 = _modules(d / "s.safetensors")                           # step 8 of 10: weight 1

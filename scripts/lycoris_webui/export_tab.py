@@ -10,30 +10,20 @@ from typing import Optional
 from modules import shared
 
 from lib_lycoris.errors import LycorisError
-from lib_lycoris.export import ExportReport, RankMode, export_prompt
+from lib_lycoris.export import RANK_CHOICES, ExportReport, RankMode, export_prompt
 
 from .host import HOST
 
 log = logging.getLogger("lycoris")
 
-MODES = ("rank", "fro", "size-mb", "exact")
+MODES = RANK_CHOICES
 # A file name, no folder: the export is written into the first networks folder.
 _NAME = re.compile(r"^[\w][\w .()+-]{0,120}$")
 
 
 def rank_mode(mode: str, value: Optional[float]) -> RankMode:
     """The engine's RankMode from the UI/API choice ('rank' N, 'fro' F, 'size-mb' M, 'exact')."""
-    if mode == "exact":
-        return RankMode.exact()
-    if value is None:
-        raise LycorisError(f"mode {mode!r} needs a value")
-    if mode == "rank":
-        return RankMode.rank(int(value))
-    if mode == "fro":
-        return RankMode.fro(float(value))
-    if mode == "size-mb":
-        return RankMode.size_mb(float(value))
-    raise LycorisError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+    return RankMode.from_choice(mode, value)
 
 
 def _checkpoint() -> Optional[str]:
