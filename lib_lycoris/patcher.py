@@ -4,6 +4,7 @@
     patcher.apply([(network, request), ...])       # model = base + requested networks at `step`
     patcher.set_step(step, total)                  # scheduled multipliers move; only changed weights touched
     patcher.restore()                              # the original bits back (torch.equal on every tensor)
+    patcher.park()                                 # or: end of a generation, networks left in the weights
 
 State per touched weight ("slot"): the original tensor (backup), the contributions of the networks on it
 and the multipliers now in the weight. A slot's weight is always a pure function of its backup and its
@@ -13,11 +14,21 @@ and the multipliers now in the weight. A slot's weight is always a pure function
 
 computed in float32 on the weight's device, so a change never accumulates rounding (no W += Δm·ΔW
 drift in fp16/bf16), a rollback after a failure half-way recomputes the exact previous bits, and
-`restore` copies the backup back. Plain LoRA contributions (most files) take one fused GEMM per slot:
-the factors of all networks on the slot are concatenated along the rank, scaled by m·s, and
-`addmm(backup, up_cat, down_cat, out=W)` reads the backup and writes the weight once (2 passes, no
-full-size temporaries for fp32 weights); where the weight holds the original bits (a first apply) the
-GEMM runs in place, `W.addmm_(up_cat, down_cat)`, on the weight alone.
+`restore` copies the backup back. Plain LoRA contributions (most files) take one GEMM per slot: the
+factors of all networks on the slot are concatenated along the rank, scaled by m·s, and
+`W.copy_(backup); W.addmm_(up_cat, down_cat)` (no full-size temporaries for fp32 weights; fp16/bf16 ones
+sum in a reused float32 buffer); where the weight holds the original bits (a first apply) the copy is
+skipped. Each network's contributions and its factors converted for the weights' device and dtype are
+built once per (network, model) (`_Compiled`) and kept across `restore` while the same set comes back.
+
+Per generation, not per step or module: `apply` first runs `verify`, which checks in one batched gather
+(`sample_bits`: 16 elements' bits per weight, one `cat` per element size) the kept backups and, after
+`park`, the weights left patched; `set_step` only compares each slot's multipliers and rewrites those
+that changed. `park` is how a host makes the same set again free: the networks stay in the weights
+between generations, and the next apply writes nothing if nothing changed. A parked weight that someone
+else rewrote since (a checkpoint loaded into the same tensors: same storage with a new version counter,
+or other bits, shape or dtype) is forgotten without a write and its networks applied to its new value;
+a tensor the host only moved to other storage with the same bits stays ours.
 
 Backups (memory, for the weights networks touch), made on a weight's first write:
 - backup='device' (default): a copy on the weight's own device: + the touched weights' size there.
@@ -29,8 +40,9 @@ copying again (+ the touched weights' size held until `release_backups()`). A ke
 while the parameter is provably untouched since our restore (same storage, same autograd version
 counter, which every in-place write through the parameter bumps, and equal sample elements); else it is
 dropped and the weight backed up anew. The parameters' tensors are never replaced (`param.data` keeps
-its storage), so hosts that hold references to them are unaffected. LoHa's two full-size products go
-into two reused scratch buffers (+ 2 × the largest touched weight in float32).
+its storage), so hosts that hold references to them are unaffected. LoHa's two full-size products and
+an fp16/bf16 weight's float32 sum go into reused scratch buffers (each the largest touched weight in
+float32, made when first needed).
 
 Modes per network: 'merge' writes weights; 'bypass' adds m·s·h(x) to the module's output with a removable
 forward hook (no weight written; for networks whose multiplier changes every step, or quantized weights).
@@ -236,6 +248,20 @@ class _Active:
 
 
 @dataclass
+class _Compiled:
+    """One active network's per-weight data, built once per (network, model) and kept across `restore` while
+    the same set comes back (the hosts restore after every image): its contributions, and its LoRA factors
+    converted for the weights' devices and dtypes."""
+
+    network: Network
+    contribs: list                                  # [(Target, module body, Contribution)]
+    factors: dict = field(default_factory=dict)     # (weight name, body, device, dtype) -> (up, down) or None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for f in self.factors.values() if f is not None for t in f)
+
+
+@dataclass
 class _Slot:
     target: Target             # the whole weight (a row slice or swapped view of it is a contribution's `place`)
     param: Tensor              # the live full parameter (its .data is written)
@@ -246,12 +272,19 @@ class _Slot:
     bias_backup: Optional[Tensor] = None
     contribs: dict = field(default_factory=dict)    # (active key, module body) -> Contribution
     applied: tuple = ()        # (((key, body), m), ...) now in the weight (merge mode)
-    factors: dict = field(default_factory=dict)     # ((key, body), device, dtype) -> LoRA (up, down) or None
+    routes: Optional[list] = None   # [((key, body), 'merge' | 'bypass' | 'skip', reason)], cached per contribs
+    # from routes: the merge and bypass entries' (key, body); sig = (group, their active keys): slots with one
+    # sig share their multipliers; ms: the multipliers now in the weight and hook (None: recompute)
+    merge_keys: tuple = ()
+    bypass_keys: tuple = ()
+    sig: tuple = ()
+    ms: Optional[tuple] = None
+    sealed: Optional[tuple] = None   # `park`: (data_ptr, version, sample bits) of the weight as written
 
     def forget(self, key: tuple) -> None:
-        """Drop a network's contributions (every module of it on this weight) and their cached factors."""
+        """Drop a network's contributions (every module of it on this weight)."""
         self.contribs = {k: c for k, c in self.contribs.items() if k[0] != key}
-        self.factors = {k: v for k, v in self.factors.items() if k[0][0] != key}
+        self.routes = self.ms = None
 
     def view(self) -> Tensor:
         return self.param.data
@@ -260,40 +293,64 @@ class _Slot:
         return None if self.bias_param is None else self.bias_param.data
 
 
+SAMPLES = 16               # elements per weight in the staleness samples (first and last included)
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _version(t: Tensor) -> Optional[int]:
+    """The autograd version counter; None for inference tensors (Forge builds its models under
+    torch.inference_mode()), which have none: storage and samples must then prove it alone."""
+    return None if t.is_inference() else t._version
+
+
+def _sample_views(t: Tensor) -> list:
+    """A view of SAMPLES evenly spaced elements of `t` as raw bits, ending at the last (no copy for a
+    contiguous tensor; two tensor ops). Bits, not values: NaN and −0 compare as stored."""
+    if not t.is_contiguous():
+        t = t.contiguous()
+    bits = t.detach().view(_BITS[t.element_size()])
+    n = bits.numel()
+    if n <= SAMPLES:
+        return [bits.reshape(-1)]
+    step = (n - 1) // (SAMPLES - 1)       # integer: exact at any size
+    start = n - 1 - (SAMPLES - 1) * step  # < step: the first sample is among the first `step` elements
+    return [bits.as_strided((SAMPLES,), (step,), bits.storage_offset() + start)]
+
+
+def sample_bits(tensors: Sequence[Tensor]) -> list:
+    """Per tensor, the bits of its SAMPLES elements on the CPU, gathered with one `cat` and one copy per
+    (device, element size): checking 800 weights costs a few ops, not a few per weight."""
+    out: list = [None] * len(tensors)
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.element_size()), []).append(i)
+    for idx in groups.values():
+        views = [_sample_views(tensors[i]) for i in idx]
+        flat = torch.cat([v for vs in views for v in vs]).cpu()
+        for i, part in zip(idx, flat.split([sum(v.numel() for v in vs) for vs in views])):
+            out[i] = part
+    return out
+
+
 @dataclass
 class _Kept:
-    """A weight backup kept after `restore`, with what proves the parameter untouched since."""
+    """A weight backup kept after `restore`, with what proves the parameter untouched since: same storage,
+    same autograd version counter (every in-place write through the parameter bumps it), equal sample bits."""
 
     backup: Tensor
     data_ptr: int
     version: Optional[int]
-    sample: Tensor             # evenly spaced elements of the backup at restore time
-
-    SAMPLES = 16
-
-    @staticmethod
-    def _sample(t: Tensor) -> Tensor:
-        flat = t.reshape(-1)
-        n = flat.numel()
-        k = min(_Kept.SAMPLES, n)
-        idx = torch.arange(k, device=t.device) * (n - 1) // max(k - 1, 1)   # integer: exact at any size
-        return flat[idx].to("cpu", copy=True)
-
-    @staticmethod
-    def _version(t: Tensor) -> Optional[int]:
-        """The autograd version counter; None for inference tensors (Forge builds its models under
-        torch.inference_mode()), which have none: storage and samples must then prove it alone."""
-        return None if t.is_inference() else t._version
+    sample: Optional[Tensor] = None   # the weight's sample bits when kept (filled in one batch: `_seal_kept`)
+    verified: bool = True             # checked since the last generation boundary (`restore`, `park`)
 
     @classmethod
     def of(cls, slot: "_Slot") -> "_Kept":
-        return cls(slot.backup, slot.param.data_ptr(), cls._version(slot.param), cls._sample(slot.backup))
+        return cls(slot.backup, slot.param.data_ptr(), _version(slot.param))
 
-    def valid(self, slot: "_Slot") -> bool:
+    def same_tensor(self, slot: "_Slot") -> bool:
         w = slot.view()
-        return (slot.param.data_ptr() == self.data_ptr and self._version(slot.param) == self.version
-                and w.shape == self.backup.shape and w.dtype == self.backup.dtype
-                and torch.equal(self._sample(w), self.sample))
+        return (slot.param.data_ptr() == self.data_ptr and _version(slot.param) == self.version
+                and w.shape == self.backup.shape and w.dtype == self.backup.dtype)
 
 
 @dataclass
@@ -366,9 +423,10 @@ class Patcher:
         self._slots: dict = {}             # weight name -> _Slot
         self._hooks: dict = {}             # module name -> _BypassHook
         self._kept: dict = {}              # weight name -> _Kept, backups kept after restore
-        self._work: dict = {}              # device -> two flat float32 scratch buffers
+        self._compiled: dict = {}          # key -> _Compiled, of the active (or last restored) set
+        self._work: dict = {}              # (device, slot 0-2) -> flat float32 scratch buffer
         self.keep_backups = keep_backups
-        self._skipped: list = []           # (network name, weight, reason) found by the last _sync
+        self._skipped: list = []           # (network name, weight, reason): by the last apply
         self.runtime_warnings: list = []   # problems met inside forwards (a dequantiser failing): hosts read
                                            # them after a generation and may clear the list
         self.step = 1
@@ -408,6 +466,7 @@ class Patcher:
             self.hires = hires
         stats = ApplyStats(networks=len(items), load_s=load_s)
         t0 = time.perf_counter()
+        self.verify()
         wanted: dict = {}
         for item in items:
             network, request = item[0], item[1]
@@ -423,6 +482,8 @@ class Patcher:
         self._set_active(wanted)
         stats.slots_written = self._sync()
         stats.write_s = time.perf_counter() - t1
+        self._skipped = [(self._active[k[0]].network.name, s.target.weight, why) for s in self._slots.values()
+                         for k, route, why in s.routes or () if route == "skip"]
         stats.skipped = list(self._skipped)
         stats.lowbit_bypass = sum(1 for k, h in self._hooks.items() if h.items and h.slot.lowbit is not None)
         stats.lowbit_stochastic = sum(1 for s in self._slots.values() if s.applied and s.lowbit is not None)
@@ -435,15 +496,49 @@ class Patcher:
         return self._sync()
 
     def restore(self) -> None:
-        """Every touched weight back to its original bits; hooks removed; networks dropped."""
+        """Every touched weight back to its original bits; hooks removed; networks dropped (where backups are
+        kept, their compiled factors are too, until an apply with another set: the same set again costs no
+        conversion)."""
         with torch.no_grad():
             for slot in self._slots.values():
                 self._put_back(slot)
+        self._seal_kept()
+        if not (self.keep_backups if self.keep_backups is not None else self._kept):
+            self._compiled.clear()        # nothing is held between generations then
         for h in self._hooks.values():
             h.remove()
         self._hooks.clear()
         self._slots.clear()
         self._active.clear()
+
+    def park(self) -> None:
+        """End of a generation, weights left as they are (the hosts' "same set again is free"): the next
+        `apply` first checks, in one batch, that every weight still holds what was written (sample bits and
+        shape), and forgets (without writing) any that someone else changed since, e.g. a checkpoint
+        reloaded into the same tensors; its networks are then applied to the new weights. The kept backups
+        are checked again too. `restore` after `park` is exact as ever."""
+        slots = [s for s in self._slots.values() if s.backup is not None]
+        for slot, bits in zip(slots, sample_bits([s.view() for s in slots])):
+            slot.sealed = (slot.param.data_ptr(), _version(slot.param), bits)
+        for k in self._kept.values():
+            k.verified = False
+
+    def keeps_memory(self) -> bool:
+        """Whether backups stay held between generations (keep_backups; by default where they are in host
+        memory): a host parks (`park`) instead of restoring only then, so parking holds no more memory."""
+        if self.keep_backups is not None:
+            return self.keep_backups
+        return all(s.backup.device.type == "cpu" for s in self._slots.values() if s.backup is not None)
+
+    def forget(self) -> None:
+        """Drop every state without writing a weight (the host replaced the weights: a checkpoint loaded into
+        this model); hooks removed, backups and compiled factors freed."""
+        for h in self._hooks.values():
+            h.remove()
+        self._hooks.clear()
+        self._slots.clear()
+        self._active.clear()
+        self.release_backups()
 
     @property
     def active_networks(self) -> list:
@@ -452,27 +547,31 @@ class Patcher:
     def extra_memory(self) -> int:
         """Bytes held beyond the model: backups of weights and biases, in use or kept; scratch buffers."""
         held = [t for s in self._slots.values() for t in (s.backup, s.bias_backup) if t is not None]
-        held += [k.backup for k in self._kept.values()] + [t for pair in self._work.values() for t in pair]
-        return sum(t.numel() * t.element_size() for t in held)
+        held += [k.backup for k in self._kept.values()] + list(self._work.values())
+        return sum(t.numel() * t.element_size() for t in held) + sum(c.nbytes() for c in self._compiled.values())
 
     def release_backups(self) -> int:
-        """Free the backups kept after `restore` (see keep_backups) and the scratch buffers; returns the
-        bytes released."""
+        """Free the backups kept after `restore` (see keep_backups), the scratch buffers and the compiled
+        factors of networks no longer active; returns the bytes released."""
         n = sum(k.backup.numel() * k.backup.element_size() for k in self._kept.values())
-        n += sum(t.numel() * t.element_size() for pair in self._work.values() for t in pair)
+        n += sum(t.numel() * t.element_size() for t in self._work.values())
+        idle = [k for k in self._compiled if k not in self._active]
+        n += sum(self._compiled[k].nbytes() for k in idle)
+        for k in idle:
+            del self._compiled[k]
         self._kept.clear()
         self._work.clear()
         return n
 
-    def _scratch(self, n: int, device: torch.device) -> tuple:
-        """Two flat float32 buffers of ≥ n elements on `device`, reused across weights and applies
-        (2 × the largest touched weight in float32: 0.12 GB for SD1.5 and SDXL)."""
-        pair = self._work.get(device)
-        if pair is None or pair[0].numel() < n:
-            pair = (torch.empty(n, dtype=torch.float32, device=device),
-                    torch.empty(n, dtype=torch.float32, device=device))
-            self._work[device] = pair
-        return pair
+    def _scratch(self, n: int, device: torch.device, which: int = 0) -> Tensor:
+        """Flat float32 buffer `which` (0, 1: LoHa's two products; 2: the float32 sum for an fp16/bf16
+        weight) of ≥ n elements on `device`, reused across weights and applies (each is the largest
+        touched weight in float32, made when first needed: 0.04 GB for SD1.5, 0.26 GB for Flux)."""
+        buf = self._work.get((device, which))
+        if buf is None or buf.numel() < n:
+            self._work[(device, which)] = None      # the old one freed before the new one is made
+            buf = self._work[(device, which)] = torch.empty(n, dtype=torch.float32, device=device)
+        return buf
 
     # --- internals ----------------------------------------------------------------------------------
     def _set_active(self, wanted: dict) -> None:
@@ -481,6 +580,8 @@ class Patcher:
                 for slot in self._slots.values():
                     slot.forget(key)
                 del self._active[key]
+        for key in [k for k in self._compiled if k not in wanted]:
+            del self._compiled[key]
         for key, act in wanted.items():
             old = self._active.get(key)
             self._active[key] = act
@@ -488,8 +589,15 @@ class Patcher:
                 continue
             for slot in self._slots.values():
                 slot.forget(key)
-            for target, mod in act.binding.pairs:
-                self._slot(target).contribs[(key, mod.body)] = mod.contribution(act.request.dyn, target.placement())
+            comp = self._compiled.get(key)
+            if comp is None or comp.network is not act.network:
+                comp = self._compiled[key] = _Compiled(act.network, [
+                    (target, mod.body, mod.contribution(act.request.dyn, target.placement()))
+                    for target, mod in act.binding.pairs])
+            for target, body, contribution in comp.contribs:
+                slot = self._slot(target)
+                slot.contribs[(key, body)] = contribution
+                slot.routes = slot.ms = None
 
     def _slot(self, target: Target) -> _Slot:
         """The slot of the whole weight `target` names (one per parameter, whatever rows a network covers)."""
@@ -507,56 +615,111 @@ class Patcher:
         return slot
 
     def _multipliers(self) -> Callable:
+        """m(active key, (component, block)): a network's multiplier there at the current step, each asked once."""
         cache: dict = {}
 
         def m(key: tuple, group: tuple) -> float:
-            k = (key[0], group)
+            k = (key, group)
             v = cache.get(k)
             if v is None:
-                v = float(self._active[key[0]].request.weight(group[0], group[1], self.step, self.total,
-                                                              self.hires))
-                cache[k] = v
+                v = cache[k] = float(self._active[key].request.weight(group[0], group[1], self.step, self.total,
+                                                                      self.hires))
             return v
         return m
 
     def _sync(self) -> int:
-        """Bring every slot to the state the active networks want now; returns slots written."""
+        """Bring every slot to the state the active networks want now; returns slots written. Per slot only a
+        tuple compare where nothing moved: multipliers are computed once per (group, networks) signature."""
         mult = self._multipliers()
-        plan = []
-        self._skipped = []
+        by_sig: dict = {}
+        plan, moved = [], []
         for slot in self._slots.values():
-            merge_items, bypass_items = [], []
-            for key, c in slot.contribs.items():
-                act = self._active[key[0]]
-                route, why = self._route(slot, act.mode, c)
-                if route == "skip":        # decided before the multiplier, so apply reports it at any step
-                    self._skipped.append((act.network.name, slot.target.weight, why))
-                    continue
-                m = mult(key, slot.group)
-                if m == 0.0:
-                    continue
-                (bypass_items if route == "bypass" else merge_items).append((key, m))
-            self._set_bypass(slot, tuple(bypass_items))
-            want = tuple(merge_items)
+            if slot.routes is None:   # once per set, before any multiplier: apply reports skips at any step
+                self._route_slot(slot)
+            ms = by_sig.get(slot.sig)
+            if ms is None:
+                ms = by_sig[slot.sig] = tuple(mult(k, slot.group) for k in slot.sig[1])
+            if ms == slot.ms:
+                continue
+            n = len(slot.merge_keys)
+            want = tuple((k, m) for k, m in zip(slot.merge_keys, ms[:n]) if m != 0.0)
+            if slot.bypass_keys or slot.target.module in self._hooks:
+                self._set_bypass(slot, tuple((k, m) for k, m in zip(slot.bypass_keys, ms[n:]) if m != 0.0))
+            moved.append((slot, ms))
             if want != slot.applied:
                 plan.append((slot, want))
         done = []
-        try:
-            for slot, want in plan:
-                self._write(slot, want)
-                done.append((slot, slot.applied))
-                slot.applied = want
-        except BaseException:
-            log.error("patching failed after %d of %d weights; rolling back", len(done), len(plan))
-            failed = plan[len(done)][0]
-            if failed.backup is not None:
-                self._write(failed, failed.applied)    # it may be half-written (the in-place GEMM: applied == ())
-            for slot, previous in reversed(done):
-                self._write(slot, previous)
-                slot.applied = previous
-            raise
-        self._drop_idle_slots()
+        with torch.no_grad():
+            try:
+                for slot, want in plan:
+                    self._write(slot, want)
+                    done.append((slot, slot.applied))
+                    slot.applied = want
+            except BaseException:
+                log.error("patching failed after %d of %d weights; rolling back", len(done), len(plan))
+                failed = plan[len(done)][0]
+                if failed.backup is not None:
+                    self._write(failed, failed.applied)    # it may be half-written (in place: applied == ())
+                for slot, previous in reversed(done):
+                    self._write(slot, previous)
+                    slot.applied = previous
+                raise
+            for slot, ms in moved:
+                slot.ms = ms
+            self._drop_idle_slots()
         return len(plan)
+
+    def _route_slot(self, slot: _Slot) -> None:
+        """The slot's routes, merge/bypass entries and multiplier signature, for its contributions now."""
+        slot.routes = [(k, *self._route(slot, self._active[k[0]].mode, c)) for k, c in slot.contribs.items()]
+        slot.merge_keys = tuple(k for k, route, _ in slot.routes if route == "merge")
+        slot.bypass_keys = tuple(k for k, route, _ in slot.routes if route == "bypass")
+        slot.sig = (slot.group, tuple(k[0] for k in slot.merge_keys + slot.bypass_keys))
+        slot.ms = None
+
+    def verify(self) -> int:
+        """After `restore` or `park` (every apply starts with it; a host may call it after loading weights into
+        this model): in one batch, check the kept backups not checked since (dropped where the weight changed:
+        backed up anew when next written) and the parked weights: one written in place by someone else
+        (same storage, new version) or whose sample bits or shape differ is forgotten without a write, its
+        current value the new original, and its networks are applied to it at the next apply. A parked
+        tensor the host moved (new storage, same bits) stays ours. Returns the parked weights forgotten."""
+        kept = [(n, k) for n, k in self._kept.items() if not k.verified]
+        parked = [s for s in self._slots.values() if s.sealed is not None]
+        if not kept and not parked:
+            return 0
+        for (name, k), bits in zip(kept, sample_bits([self._params[n].data for n, _ in kept])):
+            if k.sample is not None and k.same_tensor(self._slots.get(name) or self._slot_of(name)) \
+                    and torch.equal(bits, k.sample):
+                k.verified = True
+            else:
+                del self._kept[name]
+                log.debug("%s changed since the last restore: its kept backup is dropped", name)
+        changed = []
+        for slot, bits in zip(parked, sample_bits([s.view() for s in parked])):
+            ptr, version, sealed = slot.sealed
+            rewritten = slot.param.data_ptr() == ptr and _version(slot.param) != version
+            w = slot.view()
+            if rewritten or w.shape != slot.backup.shape or w.dtype != slot.backup.dtype or \
+                    not torch.equal(bits, sealed):
+                changed.append(slot)
+            slot.sealed = None
+        if changed:
+            log.warning("%d weight(s) changed outside lycoris-loader since the last generation (e.g. %s): "
+                        "the networks are applied to them as they are now", len(changed), changed[0].target.weight)
+        for slot in changed:
+            del self._slots[slot.target.weight]
+            self._kept.pop(slot.target.weight, None)
+            h = self._hooks.pop(slot.target.module, None)
+            if h is not None:
+                h.remove()
+            for key in {k[0] for k in slot.contribs}:   # re-added (to every weight) by the coming _set_active
+                self._active.pop(key, None)
+        return len(changed)
+
+    def _slot_of(self, name: str) -> _Slot:
+        """A stand-in slot for checking a kept backup of a weight with no live slot (param only)."""
+        return _Slot(target=None, param=self._params[name], bias_param=None, group=())
 
     def _route(self, slot: _Slot, mode: str, c) -> tuple:
         """('merge' | 'bypass' | 'skip', reason where skipped) for one contribution on a slot."""
@@ -599,7 +762,11 @@ class Patcher:
         the slot carries a bias delta."""
         if slot.backup is None:
             kept = self._kept.pop(slot.target.weight, None)
-            slot.backup = kept.backup if kept is not None and kept.valid(slot) else self._copy_out(slot.view())
+            if kept is not None and not kept.verified:     # not yet checked this generation (set_step before apply)
+                ok = kept.sample is not None and kept.same_tensor(slot) and \
+                    torch.equal(sample_bits([slot.view()])[0], kept.sample)
+                kept = kept if ok else None
+            slot.backup = kept.backup if kept is not None and kept.same_tensor(slot) else self._copy_out(slot.view())
         if slot.bias_backup is None and slot.bias_param is not None and \
                 any(c.bias_delta is not None for c in slot.contribs.values()):
             slot.bias_backup = self._copy_out(slot.bias_view())
@@ -617,16 +784,32 @@ class Patcher:
         if keep is None:
             keep = slot.backup.device.type == "cpu"
         if keep:
-            self._kept[slot.target.weight] = _Kept.of(slot)
+            self._kept[slot.target.weight] = _Kept.of(slot)     # its sample: `_seal_kept`, in one batch
         slot.backup = slot.bias_backup = None
+        slot.sealed = None
+
+    def _seal_kept(self) -> None:
+        """Sample bits of the weights whose backups were kept since the last call (the weight holds the
+        backup's bits then), in one batch; every kept backup is checked again at the next apply."""
+        self._sample_new_kept()
+        for k in self._kept.values():
+            k.verified = False
+
+    def _sample_new_kept(self) -> None:
+        new = [(n, k) for n, k in self._kept.items() if k.sample is None]
+        for (n, k), bits in zip(new, sample_bits([self._params[n].data for n, _ in new])):
+            k.sample = bits
 
     def _factors(self, slot: _Slot, key: tuple, device: torch.device, dtype: torch.dtype) -> Optional[tuple]:
-        """(up, down) of a plain-LoRA contribution on `device` in `dtype`, converted once and cached."""
-        k = (key, device, dtype)
-        if k not in slot.factors:
+        """(up, down) of a plain-LoRA contribution on `device` in `dtype`, converted once per set and cached
+        (`_Compiled`: kept across restore while the same set comes back)."""
+        cache = self._compiled[key[0]].factors
+        k = (slot.target.weight, key[1], device, dtype)
+        f = cache.get(k, False)
+        if f is False:
             low = slot.contribs[key].low_rank(device)
-            slot.factors[k] = None if low is None else (low[0].to(dtype).contiguous(), low[1].to(dtype).contiguous())
-        return slot.factors[k]
+            f = cache[k] = None if low is None else (low[0].to(dtype).contiguous(), low[1].to(dtype).contiguous())
+        return f
 
     def _write(self, slot: _Slot, items: tuple) -> None:
         """Weight (and bias) := pure function of backup and items (see module doc and `write_weight`)."""
@@ -638,18 +821,17 @@ class Patcher:
         self._ensure_backup(slot)
         w = slot.view()
         dev = w.device
-        base = slot.backup.to(dev, non_blocking=True)
-        with torch.no_grad():
-            lr_dtype = w.dtype if self.compute == "weight" else torch.float32
-            terms = [(slot.contribs[k], m, self._factors(slot, k, dev, lr_dtype)) for k, m in items]
-            # applied == (): the weight holds the backup's bits, so a LoRA GEMM can run in place
-            write_weight(w, base, terms, self.compute, holds_base=not slot.applied, scratch=self._scratch)
-            if slot.bias_backup is not None:
-                contribs = [(c, m) for c, m, _ in terms]
-                bias = slot.bias_backup.to(dev, non_blocking=True)
-                if any(c.bias_delta is not None for c, _ in contribs):
-                    bias = merged_bias(bias, contribs)
-                slot.bias_view().copy_(bias)
+        base = slot.backup if slot.backup.device == dev else slot.backup.to(dev, non_blocking=True)
+        lr_dtype = w.dtype if self.compute == "weight" else torch.float32
+        terms = [(slot.contribs[k], m, self._factors(slot, k, dev, lr_dtype)) for k, m in items]
+        # applied == (): the weight holds the backup's bits, so a LoRA GEMM can run in place
+        write_weight(w, base, terms, self.compute, holds_base=not slot.applied, scratch=self._scratch)
+        if slot.bias_backup is not None:
+            contribs = [(c, m) for c, m, _ in terms]
+            bias = slot.bias_backup.to(dev, non_blocking=True)
+            if any(c.bias_delta is not None for c, _ in contribs):
+                bias = merged_bias(bias, contribs)
+            slot.bias_view().copy_(bias)
 
     def _write_stochastic(self, slot: _Slot, items: tuple) -> None:
         """An fp8 weight := stochastic_round(float32(backup) + Σ ΔW), seeded per weight (module doc); the
@@ -683,13 +865,15 @@ class Patcher:
         return dequantized(current if isinstance(current, torch.Tensor) else slot.param, device, self.dequantize)
 
     def _drop_idle_slots(self) -> None:
-        for k in [k for k, s in self._slots.items() if not s.contribs and not s.applied]:
+        idle = [k for k, s in self._slots.items() if not s.contribs and not s.applied]
+        for k in idle:
             slot = self._slots.pop(k)
-            with torch.no_grad():
-                self._put_back(slot)
+            self._put_back(slot)
             h = self._hooks.pop(slot.target.module, None)
             if h is not None:
                 h.remove()
+        if idle:
+            self._sample_new_kept()     # restored by us just now: verified for this generation
 
     # --- bypass ---------------------------------------------------------------------------------
     def _set_bypass(self, slot: _Slot, items: tuple) -> None:
@@ -709,18 +893,18 @@ class Patcher:
 
 
 def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32", holds_base: bool = False,
-                 scratch: Optional[Callable[[int, torch.device], tuple]] = None) -> None:
+                 scratch: Optional[Callable[..., Tensor]] = None) -> None:
     """w := base + Σ (W'_i(m_i) − base), written in place; base is the original weight (not w itself);
     holds_base: w already equals base bit for bit (plain LoRA terms then update w in place, w += α·up@down,
-    which is the same GEMM with β=1 on the same bits as addmm(base, ...), without reading base);
-    scratch(n, device): two reusable flat float32 buffers of ≥ n elements for full-size intermediates (on
-    CPU, fresh memory for each weight costs page faults: more than the arithmetic).
+    without reading base); scratch(n, device, which): reusable flat float32 buffers of ≥ n elements
+    (which = 0, 1: LoHa's products; 2: the float32 sum for an fp16/bf16 weight); on CPU, fresh memory for
+    each weight costs page faults: more than the arithmetic.
 
     terms: (Contribution, m, LoRA factors (up, down) or None); the factors are float32, or w's dtype with
-    compute='weight'. Plain LoRA terms: one addmm over the concatenated factors, reading base and writing w
-    (fp32 weights, or any dtype with compute='weight'); other terms accumulate in float32 in place (LoHa
-    as addcmul of its two products), then one rounding to w's dtype. The same function serves the Patcher
-    and `merge`, so both give the same bits.
+    compute='weight'. Plain LoRA terms: one GEMM over the concatenated factors into w (fp32 weights, or any
+    dtype with compute='weight'): w.copy_(base) then w.addmm_(up, down, α) (the same bits as
+    addmm(base, up, down, α, out=w), which copies base into w first); other terms accumulate in float32 in place (LoHa as addcmul of its two products), then one rounding to
+    w's dtype. The same function serves the Patcher and `merge`, so both give the same bits.
     """
     if not terms:
         w.copy_(base)
@@ -730,26 +914,33 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32",
     other = [(c, m) for c, m, f in terms if f is None]
     if lr and not other and direct:
         up, down, alpha = _stack(lr)
-        if holds_base:
-            w.view(w.shape[0], -1).addmm_(up, down, alpha=alpha)
-        else:
-            torch.addmm(base.reshape(base.shape[0], -1), up, down, alpha=alpha, out=w.view(w.shape[0], -1))
+        w2 = w.view(w.shape[0], -1)
+        if not holds_base:
+            w2.copy_(base.reshape(w2.shape))
+        w2.addmm_(up, down, alpha=alpha)
         return
-    base32 = base.float()
-    acc = w if w.dtype == torch.float32 and w.is_contiguous() else torch.empty(
-        w.shape, dtype=torch.float32, device=w.device)
+    n = w.numel()
+    if w.dtype == torch.float32 and w.is_contiguous():
+        acc = w
+    elif scratch is not None:
+        acc = scratch(n, w.device, 2)[:n].view(w.shape)
+    else:
+        acc = torch.empty(w.shape, dtype=torch.float32, device=w.device)
     started = holds_base and acc is w          # acc already holds base's bits: update it in place
+    base32 = base if base.dtype == torch.float32 else None      # made only where a term reads it
     if lr:
         up, down, alpha = _stack([((u.float(), d.float()), c, m) for (u, d), c, m in lr])
-        if started:
-            acc.view(acc.shape[0], -1).addmm_(up, down, alpha=alpha)
-        else:
-            torch.addmm(base32.reshape(base.shape[0], -1), up, down, alpha=alpha, out=acc.view(acc.shape[0], -1))
+        if not started:
+            acc.copy_(base)                    # exact in float32
+        acc.view(acc.shape[0], -1).addmm_(up, down, alpha=alpha)
         started = True
     for c, m in other:
+        if base32 is None:
+            base32 = base.float()
         pair = None
         if c.linear_in_strength:
-            pair = c.hadamard(base32, scratch(base.numel(), w.device) if scratch is not None else None)
+            pair = c.hadamard(base32, (scratch(n, w.device, 0), scratch(n, w.device, 1))
+                              if scratch is not None else None)
         if pair is not None:                   # LoHa: the product fused into the add, ΔW never materialised
             if started:
                 acc.addcmul_(pair[0], pair[1], value=m * c.scale)
@@ -769,7 +960,7 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32",
             torch.add(base32, d.reshape(acc.shape), alpha=alpha, out=acc)
             started = True
     if not started:
-        acc.copy_(base32)
+        acc.copy_(base)
     if acc is not w:
         w.copy_(acc)
 

@@ -163,7 +163,9 @@ def test_kept_backups_are_reused_only_while_the_weights_are_untouched(nets):
     p.restore()
     _assert_same(tm.root, snap)
     held = p.extra_memory()
-    assert held > 0 and held == sum(t.numel() * t.element_size() for t in (k.backup for k in p._kept.values()))
+    factors = sum(c.nbytes() for c in p._compiled.values())    # the last set's converted factors, kept too
+    assert factors > 0
+    assert held > 0 and held == factors + sum(t.numel() * t.element_size() for t in (k.backup for k in p._kept.values()))
     p.apply([(nets["lora"], Strength(0.5))])
     assert {k: s.backup.data_ptr() for k, s in p._slots.items()} == backups     # reused, not copied again
     fresh = tiny_model("sd1", 0)
@@ -301,11 +303,11 @@ def test_bare_unet_and_compute_in_weight_dtype(nets, tmp_path):
 @pytest.mark.parametrize("n", [1, 2, 17, 2**25 + 3])
 def test_kept_backup_sample_spans_the_whole_weight(n):
     """The staleness sample reaches the first and the last element at any size (float index math does not)."""
-    from lib_lycoris.patcher import _Kept
+    from lib_lycoris.patcher import SAMPLES, sample_bits
     t = torch.zeros(n, dtype=torch.uint8)
     t[-1] = 7
-    s = _Kept._sample(t)
-    assert s.numel() == min(_Kept.SAMPLES, n) and int(s[-1]) == 7
+    s = sample_bits([t])[0]
+    assert s.numel() == min(SAMPLES, n) and int(s[-1]) == 7 and int(s[:-1].sum()) == 0
 
 
 def test_in_place_first_write_equals_a_rewrite_from_the_backup(nets):
@@ -344,3 +346,80 @@ def test_inference_tensors(nets):
         p.apply([(nets["lora"], Strength(1.0))])
         p.restore()
         assert all(torch.equal(v, changed[k]) for k, v in tm.root.named_parameters())
+
+
+def test_sample_bits_batches_mixed_dtypes_and_devices_views():
+    """One gather per element size: raw bits of the first, evenly spaced and last elements of each tensor
+    (fp32, fp16, bf16, float8, int8; tiny and non-multiple sizes), NaN and −0 compared as stored."""
+    from lib_lycoris.patcher import SAMPLES, sample_bits
+    ts = [torch.randn(7, 13), torch.randn(300).half(), torch.randn(5).bfloat16(), torch.zeros(0),
+          torch.randn(40, 3).to(torch.float8_e4m3fn), torch.arange(-50, 50, dtype=torch.int8)]
+    ts[0][0, 0] = float("nan")
+    ts[1][-1] = -0.0
+    got = sample_bits(ts)
+    for t, bits in zip(ts, got):
+        flat = t.reshape(-1)
+        n = flat.numel()
+        assert bits.numel() == min(SAMPLES, n) and bits.device.type == "cpu"
+        if n:
+            assert bits.element_size() == t.element_size()
+            assert int(bits[-1]) == int(flat[-1:].view(bits.dtype)[0])
+            step = max(1, (n - 1) // (SAMPLES - 1))
+            assert torch.equal(bits, flat.view(bits.dtype)[n - 1 - (bits.numel() - 1) * step::step])
+    again = sample_bits([t.clone() for t in ts])
+    assert all(torch.equal(a, b) for a, b in zip(got, again))            # NaN, −0: equal as bits
+    ts[1][-1] = 0.0
+    assert not torch.equal(sample_bits([ts[1]])[0], got[1])                 # +0 is another bit pattern
+
+
+def test_parked_weights_are_checked_at_the_next_apply(nets):
+    """park() leaves the networks in the weights; the next apply checks them in one batch: a weight someone
+    rewrote (through the parameter, or behind autograd through .data) is forgotten without a write and the
+    networks are applied to its new value; a tensor the host only moved (new storage, same bits) stays ours.
+    The same set again writes nothing; restore is exact throughout."""
+    tm = tiny_model("sd1", 0)
+    items = [(nets["lora"], Strength(0.8)), (nets["loha"], Strength(0.5))]
+    p = Patcher(tm.root, keep_backups=True)
+    p.apply(items)
+    p.park()
+    assert p.apply(items).slots_written == 0
+    p.park()
+    names = sorted(p._slots)[:3]
+    with torch.no_grad():
+        tm.root.get_parameter(names[0]).mul_(2.0)                        # new version, same storage
+        tm.root.get_parameter(names[1]).data.add_(1.0)                   # behind autograd: sample bits
+        moved = tm.root.get_parameter(names[2])
+        moved.data = moved.data.clone()                                  # the host moved it: still ours
+    new_base = {k: v.detach().clone() for k, v in tm.root.named_parameters()}
+    assert p.verify() == 2
+    p.apply(items)
+    fresh = tiny_model("sd1", 0)
+    with torch.no_grad():
+        for n in names[:2]:
+            fresh.root.get_parameter(n).copy_(new_base[n])               # the rewritten weights are the new base
+    Patcher(fresh.root).apply(items)
+    for (k, a), (_, b) in zip(tm.root.named_parameters(), fresh.root.named_parameters()):
+        assert torch.equal(a, b), k
+    p.restore()
+    base = _snapshot(tiny_model("sd1", 0).root)
+    for n in names[:2]:
+        base[n] = new_base[n]
+    _assert_same(tm.root, base)
+
+
+def test_compiled_factors_are_kept_for_the_same_set_only(nets):
+    """restore keeps the last set's converted factors (with kept backups), so the same set again converts
+    nothing; an apply with another set drops them; release_backups frees them."""
+    tm = tiny_model("sd1", 0)
+    p = Patcher(tm.root, keep_backups=True)
+    p.apply([(nets["lora"], Strength(1.0))])
+    p.restore()
+    held = {id(f[0]) for c in p._compiled.values() for f in c.factors.values() if f is not None}
+    assert held
+    p.apply([(nets["lora"], Strength(0.5))])
+    assert {id(f[0]) for c in p._compiled.values() for f in c.factors.values() if f is not None} == held
+    p.restore()
+    p.apply([(nets["loha"], Strength(1.0))])
+    assert all(c.network is nets["loha"] for c in p._compiled.values())
+    p.restore()
+    assert p.release_backups() > 0 and not p._compiled and p.extra_memory() == 0

@@ -41,6 +41,7 @@ def glue(tmp_path, monkeypatch):
     shared.cmd_opts.lyco_dir_backcompat = str(tmp_path / "LyCORIS")
     tm = tiny_model("sd1", 0)
     shared.sd_model = tm.root
+    shared.opts.lycoris_keep_applied = False   # deactivate restores (the tests of parking: `both`, `test_parked_*`)
     spec = importlib.util.spec_from_file_location("lycoris_loader_under_test", ROOT / "scripts" / "lycoris_loader.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -48,6 +49,34 @@ def glue(tmp_path, monkeypatch):
     (lora_dir / "sub").mkdir()
     make_network(lora_dir / "sub" / "hat.safetensors", tm.root, "loha", seed=2)
     return SimpleNamespace(mod=mod, tm=tm, dir=lora_dir, shared=shared, en=extra_networks, builtin=builtin)
+
+
+@pytest.fixture(params=["restore", "park"])
+def both(request, glue):
+    """The glue with deactivate restoring, and with it parking the networks (lycoris_keep_applied, the default)."""
+    glue.shared.opts.lycoris_keep_applied = request.param == "park"
+    return glue
+
+
+def _next_without_tags_is_base(glue, p, base) -> None:
+    """The generation ends and the next has no tag: the model is `base` bit for bit (restored at deactivate,
+    or, parked, at that activate)."""
+    net = glue.mod.EXTRA_NETWORK
+    net.deactivate(p)
+    if not glue.shared.opts.lycoris_keep_applied:
+        assert _same(glue.tm.root, base)
+    net.activate(_p(glue.shared), [])
+    assert _same(glue.tm.root, base)
+
+
+def _same_as_fresh(glue, items, seed: int = 0) -> None:
+    """The model equals a fresh tiny model (`seed`) with these (network stem, strength) applied by a new Patcher."""
+    from lib_lycoris.network import load_network
+    from lib_lycoris.patcher import Patcher, Strength
+    fresh = tiny_model("sd1", seed)
+    Patcher(fresh.root).apply([(load_network(glue.dir / f"{n}.safetensors"), Strength(m)) for n, m in items])
+    for (k, a), (_, b) in zip(glue.tm.root.named_parameters(), fresh.root.named_parameters()):
+        assert torch.equal(a, b), k
 
 
 def _p(shared, prompt="a cat", steps=4):
@@ -423,7 +452,7 @@ def test_builtin_weights_restored_before_ours_write(glue, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # Faults a long-running WebUI meets
 
-def test_failure_inside_apply_gives_an_image_without_networks(glue, monkeypatch):
+def test_failure_inside_apply_gives_an_image_without_networks(both, monkeypatch):
     """An out-of-memory error on the 10th weight: rolled back, the generation goes on at base, with a warning."""
     import lib_lycoris.patcher as P
     real, calls = P.write_weight, []
@@ -433,6 +462,7 @@ def test_failure_inside_apply_gives_an_image_without_networks(glue, monkeypatch)
         if len(calls) == 10:
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
         return real(*a, **k)
+    glue = both
     monkeypatch.setattr(P, "write_weight", flaky)
     snap = _snapshot(glue.tm.root)
     p = _p(glue.shared)
@@ -443,12 +473,24 @@ def test_failure_inside_apply_gives_an_image_without_networks(glue, monkeypatch)
     monkeypatch.setattr(P, "write_weight", real)
     glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:1>"))     # the next generation works
     assert not _same(glue.tm.root, snap)
+    _next_without_tags_is_base(glue, p, snap)
+    # parked (or not), a set change that fails half-way leaves the model at base and the next one works
+    glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:1>"))
     glue.mod.EXTRA_NETWORK.deactivate(p)
+    calls.clear()
+    monkeypatch.setattr(P, "write_weight", flaky)
+    glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:0.5> <lyco:hat:1>"))
     assert _same(glue.tm.root, snap)
+    monkeypatch.setattr(P, "write_weight", real)
+    glue.mod.EXTRA_NETWORK.deactivate(p)
+    glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:0.5>"))
+    _same_as_fresh(glue, [("ink", 0.5)])
+    _next_without_tags_is_base(glue, p, snap)
 
 
-def test_interrupted_scheduled_generation_next_starts_from_base(glue):
+def test_interrupted_scheduled_generation_next_starts_from_base(both):
     """Interrupt/Skip mid-schedule, the host's deactivate never comes: the next activate starts from base."""
+    glue = both
     net = glue.mod.EXTRA_NETWORK
     base = _snapshot(glue.tm.root)
     p = _p(glue.shared, steps=6)
@@ -462,8 +504,7 @@ def test_interrupted_scheduled_generation_next_starts_from_base(glue):
     net.deactivate(p)
     net.activate(_p(glue.shared, steps=6), _params(glue.en, "<lora:ink:0.2@1,1@3,0.5@5>"))   # step 1 = 0.2
     assert _same(glue.tm.root, first)
-    net.deactivate(p)
-    assert _same(glue.tm.root, base)
+    _next_without_tags_is_base(glue, p, base)
 
 
 def _switch_checkpoint(glue, behind_autograd: bool):
@@ -480,9 +521,10 @@ def _switch_checkpoint(glue, behind_autograd: bool):
     return net, p, other
 
 
-def test_checkpoint_switch_never_writes_a_stale_backup(glue):
+def test_checkpoint_switch_never_writes_a_stale_backup(both):
     """Backups kept, then the host loads another checkpoint's weights into the same model object: without
     the tag the model is the new checkpoint bit for bit; with it, the new checkpoint + the network."""
+    glue = both
     net, p, other = _switch_checkpoint(glue, behind_autograd=False)
     glue.mod.HOST.model_loaded(glue.shared.sd_model)                      # the host's on_model_loaded
     new_base = _snapshot(glue.tm.root)
@@ -493,21 +535,27 @@ def test_checkpoint_switch_never_writes_a_stale_backup(glue):
     from lib_lycoris.patcher import Patcher, Strength
     Patcher(other.root).apply([(load_network(glue.dir / "ink.safetensors"), Strength(1.0))])
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(glue.tm.root.named_parameters(), other.root.named_parameters()))
-    net.deactivate(p)
-    assert _same(glue.tm.root, new_base)
+    _next_without_tags_is_base(glue, p, new_base)
 
 
-def test_checkpoint_switch_without_the_host_callback(glue):
-    """The same, when no model-loaded callback comes (the kept backups' own checks catch it)."""
-    net, p, _ = _switch_checkpoint(glue, behind_autograd=True)   # only the kept backups' samples can tell
+@pytest.mark.parametrize("behind_autograd", [False, True])
+def test_checkpoint_switch_without_the_host_callback(both, behind_autograd):
+    """The same, when no model-loaded callback comes: the kept backups' checks (restored) or the parked
+    weights' checks (version counter; behind autograd's back, the sample bits) catch it."""
+    glue = both
+    net, p, other = _switch_checkpoint(glue, behind_autograd=behind_autograd)
     new_base = _snapshot(glue.tm.root)
     net.activate(p, _params(glue.en, "<lora:ink:1>"))
-    net.deactivate(p)
-    assert _same(glue.tm.root, new_base)
+    from lib_lycoris.network import load_network
+    from lib_lycoris.patcher import Patcher, Strength
+    Patcher(other.root).apply([(load_network(glue.dir / "ink.safetensors"), Strength(1.0))])
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(glue.tm.root.named_parameters(), other.root.named_parameters()))
+    _next_without_tags_is_base(glue, p, new_base)
 
 
-def test_network_file_replaced_on_disk(glue):
+def test_network_file_replaced_on_disk(both):
     """Same name, new content between two generations: the new content applies and the hash changes."""
+    glue = both
     net = glue.mod.EXTRA_NETWORK
     p1 = _p(glue.shared)
     net.activate(p1, _params(glue.en, "<lora:ink:1>"))
@@ -523,6 +571,7 @@ def test_network_file_replaced_on_disk(glue):
     assert not _same(glue.tm.root, w1)
     assert p1.extra_generation_params["Lora hashes"] != p2.extra_generation_params["Lora hashes"]
     assert p2.extra_generation_params["Lora hashes"] == f"ink: {addnet_hash(path)[:12]}"
+    _same_as_fresh(glue, [("ink", 1.0)])
     net.deactivate(p2)
 
 
@@ -540,3 +589,47 @@ def test_export_lora_action_writes_a_card_and_refuses_bad_names(glue):
         with pytest.raises(LycorisError):
             glue.mod.export_current("<lora:ink:1>", "rank", 4, bad)
     assert not (glue.dir.parent / "escape.safetensors").exists()
+
+
+def test_parked_networks_same_set_again_writes_nothing(glue):
+    """lycoris_keep_applied (default): after a generation the networks stay in the weights; the same set again
+    writes no weight, a strength change rewrites from the backups (the bits of a fresh apply), no tag = base."""
+    glue.shared.opts.lycoris_keep_applied = True
+    net, host = glue.mod.EXTRA_NETWORK, glue.mod.HOST
+    base = _snapshot(glue.tm.root)
+    p = _p(glue.shared)
+    net.activate(p, _params(glue.en, "<lora:ink:0.8> <lyco:hat:1:unet=0.5>"))
+    assert host.activation.stats.slots_written > 50
+    applied = _snapshot(glue.tm.root)
+    net.deactivate(p)
+    assert _same(glue.tm.root, applied) and host.activation is None
+    p = _p(glue.shared)
+    net.activate(p, _params(glue.en, "<lora:ink:0.8> <lyco:hat:1:unet=0.5>"))
+    assert host.activation.stats.slots_written == 0 and _same(glue.tm.root, applied)
+    assert p.extra_generation_params["Lora hashes"].startswith("ink: ")          # the infotext as ever
+    net.deactivate(p)
+    net.activate(_p(glue.shared), _params(glue.en, "<lora:ink:0.5>"))
+    _same_as_fresh(glue, [("ink", 0.5)])
+    _next_without_tags_is_base(glue, _p(glue.shared), base)
+
+
+def test_parked_networks_leave_a_model_the_host_swaps_out(glue):
+    """Parked networks on model A, then the host loads checkpoint B as a new object (A may stay in its
+    checkpoint cache): A gets its original bits back at B's model-loaded callback, and B works."""
+    glue.shared.opts.lycoris_keep_applied = True
+    net, host = glue.mod.EXTRA_NETWORK, glue.mod.HOST
+    a = glue.tm
+    base_a = _snapshot(a.root)
+    p = _p(glue.shared)
+    net.activate(p, _params(glue.en, "<lora:ink:1>"))
+    net.deactivate(p)
+    assert not _same(a.root, base_a)
+    b = tiny_model("sd1", 7)
+    glue.shared.sd_model = b.root
+    host.model_loaded(b.root)
+    assert _same(a.root, base_a)
+    glue.tm = b
+    base_b = _snapshot(b.root)
+    net.activate(_p(glue.shared), _params(glue.en, "<lora:ink:1>"))
+    _same_as_fresh(glue, [("ink", 1.0)], seed=7)
+    _next_without_tags_is_base(glue, _p(glue.shared), base_b)

@@ -63,6 +63,11 @@ def on_ui_settings() -> None:
             True, "Keep weight backups in RAM between generations", section=section).info(
             "as the built-in Lora does: the next image's networks are applied without copying the weights again; "
             "costs the touched weights' size in RAM (for a CPU model; GPU backups are never kept)"),
+        "lycoris_keep_applied": shared.OptionInfo(
+            True, "Keep networks applied between generations", section=section).info(
+            "as the built-in Lora does: the same networks again cost nothing, a strength change rewrites only the "
+            "weights it changes; the weights are checked before each generation and restored exactly when the "
+            "networks change, the model changes or the extension unloads (with kept backups only)"),
         "lycoris_add_hashes_to_infotext": shared.OptionInfo(True, "Add Lora hashes to infotext", section=section),
         "lycoris_lowbit": shared.OptionInfo(
             "bypass", "Networks on low-bit weights (fp8, NF4, GGUF)", gr.Radio,

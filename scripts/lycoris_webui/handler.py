@@ -30,7 +30,9 @@ def _pass_steps(p) -> tuple:
 
 
 class ExtraNetworkLycoris(extra_networks.ExtraNetwork):
-    """The `lora` extra network: activate = resolve + load + apply; deactivate = bit-exact restore.
+    """The `lora` extra network: activate = resolve + load + apply; deactivate = networks parked (kept applied
+    for the next generation; restored, bit-exact, when the set changes, the model changes or the extension
+    unloads) or restored (setting lycoris_keep_applied off).
 
     Hand-back (never worse than the built-in): on a model whose family the engine does not map (or one the
     user sets to the built-in), and for a generation whose every network is a file the engine cannot map
@@ -137,7 +139,7 @@ class ExtraNetworkLycoris(extra_networks.ExtraNetwork):
         if self.handed_back and self.builtin is not None:
             self.builtin.deactivate(p)
             return
-        self.host.restore()
+        self.host.end_generation()
 
 
 # Suffixes the built-in Lora of A1111 1.7-1.10 reads (extensions-builtin/Lora network_*.py), for hand-back.

@@ -61,6 +61,10 @@ def _keep_backups() -> Optional[bool]:
 # --------------------------------------------------------------------------------------------------
 # Host model -> engine components
 
+def _keep_applied() -> bool:
+    return bool(_opt("lycoris_keep_applied", True))
+
+
 def model_components(sd_model) -> dict:
     """{'unet': ..., 'te1': ..., 'te2': ..., 'te3': ...} of the host's loaded model (A1111 or Forge)."""
     forge = getattr(sd_model, "forge_objects", None)
@@ -202,8 +206,20 @@ class Host:
         return None
 
     def model_loaded(self, sd_model) -> None:
-        """A new checkpoint (or new weights in the same object): the old backups are stale, drop them."""
+        """A new checkpoint. New weights in the same object: the weights it changed are forgotten without a
+        write (their backups are stale), the others restored. Another object: the old model, if it still
+        holds networks (parked), gets its original bits back (A1111 may keep it in its checkpoint cache)."""
         with self.lock:
+            old = self._patcher
+            if old is not None:
+                try:
+                    if self._patcher_model is sd_model:
+                        forgotten = old.verify()
+                        if forgotten:
+                            log.info("%d weight(s) reloaded by the host: their backups are dropped", forgotten)
+                    old.restore()
+                except (RuntimeError, ValueError, TypeError) as e:   # the old model moved to 'meta', freed
+                    log.info("the previous model's weights were not restored (%s); its patcher is dropped", e)
             self._patcher = None
             self._patcher_model = None
             self.activation = None
@@ -226,6 +242,20 @@ class Host:
                 self._patcher.keep_backups = _keep_backups()
                 if self._patcher.keep_backups is False:
                     log.info("freed %d MB of kept weight backups", self._patcher.release_backups() >> 20)
+
+    def end_generation(self) -> None:
+        """After a batch. Setting lycoris_keep_applied (default on), where backups stay in host memory anyway:
+        the networks stay in the weights (parked), so the same set again costs nothing and another set
+        rewrites only what changes; the next apply checks the weights first (`Patcher.verify`). Else: restore."""
+        with self.lock:
+            patcher = self._patcher
+            if patcher is not None and _keep_applied() and patcher.keeps_memory():
+                patcher.park()
+                patcher.runtime_warnings.clear()
+                self.activation = None
+                self.processing = None
+                return
+        self.restore()
 
     def restore(self) -> None:
         with self.lock:
