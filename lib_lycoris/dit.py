@@ -161,15 +161,19 @@ def _row_parts(kind: str, rows: int, width: int) -> list:
     return [(0, h), (h, 2 * h), (2 * h, 3 * h), (3 * h, rows)]
 
 
-def block_counts(modules: Iterable[str], native: bool) -> tuple:
-    """(double-stream / SD3 joint blocks, Flux single-stream blocks) of a denoiser's module paths."""
+def block_counts(modules: Iterable[str], native: Optional[bool]) -> tuple:
+    """(double-stream / SD3 joint blocks, Flux single-stream blocks) of a denoiser's module paths: dotted, or
+    kohya bodies (`joint_blocks_5_…`); native: original SAI/BFL names, False: diffusers', None: either."""
     modules = list(modules)
+    double = {True: "joint_blocks|double_blocks", False: "transformer_blocks", None: "joint_blocks|double_blocks|"
+              "transformer_blocks"}[native]
+    single = {True: "single_blocks", False: "single_transformer_blocks", None: "single_blocks|"
+              "single_transformer_blocks"}[native]
 
     def count(key: str) -> int:
-        found = [int(m[1]) for m in (re.match(rf"^{key}\.(\d+)\.", p) for p in modules) if m]
+        found = [int(m[1]) for m in (re.match(rf"^(?:{key})[._](\d+)[._]", p) for p in modules) if m]
         return max(found) + 1 if found else 0
-    return (count(r"(?:joint_blocks|double_blocks)" if native else r"transformer_blocks"),
-            count(r"single_blocks" if native else r"single_transformer_blocks"))
+    return count(double), count(single)
 
 
 def expand(family: str, shapes: Mapping[str, tuple]) -> list:

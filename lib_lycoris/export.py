@@ -66,7 +66,7 @@ from .files import PathLike, addnet_hash
 from .merge import CheckpointWriter, bind_networks, checkpoint_shapes, merge_problems
 from .modelmap import ModelMap, Target
 from .network import Network, NetworkModule, load_network
-from .patcher import Strength, _block_of, _needs_weight, _stack
+from .patcher import Strength, block_of, needs_weight, stack_factors
 
 log = logging.getLogger("lycoris")
 
@@ -520,7 +520,7 @@ def _plan_bare(sources: Sequence["_Source"], step: tuple) -> tuple:
             if m == 0.0:
                 continue
             c = mod.contribution(getattr(src.request, "dyn", None))
-            if _needs_weight(c):
+            if needs_weight(c):
                 needs_base.append((str(src.network.path), f"{comp}:{body}", mod.algo))
                 continue
             groups.setdefault(key, []).append((_Item(c, m, mod, i), str(src.network.path)))
@@ -544,7 +544,7 @@ def _plan_model(sources: Sequence["_Source"], shapes: Mapping[str, tuple], step:
     per_weight: dict = {}
     for i, (b, src) in enumerate(zip(bindings, sources)):
         for target, mod in b.pairs:
-            m = float(src.request.weight(target.component, _block_of(target, mm), *step))
+            m = float(src.request.weight(target.component, block_of(target, mm), *step))
             if m == 0.0:
                 continue
             c = mod.contribution(getattr(src.request, "dyn", None), target.placement())
@@ -672,12 +672,12 @@ def _unit_delta(unit: _Unit, weights: Optional[_Weights], device: torch.device) 
             lows.append(((f[0][rows], f[1]), c, it.multiplier))
     up = down = None
     if lows:
-        up, down, alpha = _stack(lows)     # m·s folded into up where several are concatenated
+        up, down, alpha = stack_factors(lows)     # m·s folded into up where several are concatenated
         if alpha != 1.0:
             up = up * alpha
     dense = None
     if dense_items:
-        needs = any(_needs_weight(it.contribution) for it in dense_items)
+        needs = any(needs_weight(it.contribution) for it in dense_items)
         # The types that do not read W get an uninitialised stand-in of its shape (never read, never touched).
         base = _base_weight(unit, weights, device) if needs else torch.empty(unit.whole, device=device)
         acc = None

@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Optional
 
 from .blocks import block_id, coarse_block
+from .dit import block_counts
 from .errors import LycorisError
 from .network import Network, flux_variant
 
@@ -61,14 +62,7 @@ def trigger_words(metadata: dict, user: Optional[dict] = None) -> list:
 def _depth_of(network: Network) -> tuple:
     """(double/joint, single) blocks a transformer file names, at least the family's usual counts (a file
     may train only some blocks): the in/mid/out thirds `inspect` reports then match the model's."""
-    double = single = 0
-    for m in network.modules.values():
-        found = re.match(r"^(?:joint_blocks|double_blocks|transformer_blocks)_(\d+)_", m.body)
-        if found:
-            double = max(double, int(found[1]) + 1)
-        found = re.match(r"^(?:single_blocks|single_transformer_blocks)_(\d+)_", m.body)
-        if found:
-            single = max(single, int(found[1]) + 1)
+    double, single = block_counts((m.body for m in network.modules.values()), native=None)
     if network.base_model == "flux":
         return max(double, 19), max(single, 38)
     return (38 if double > 24 else 24), 0      # SD3 / SD3.5 Medium 24 blocks, SD3.5 Large 38

@@ -76,6 +76,12 @@ _XLABS = re.compile(r"^(?P<pre>(?:.*\.)?)(?P<kind>double|single)_blocks\.(?P<n>\
 # T5 module paths (HF T5EncoderModel): always the third text encoder.
 _T5_PATH = re.compile(r"^(?:encoder\.block\.|encoder\.final_layer_norm|shared\b)")
 
+
+def is_t5_path(path: str) -> bool:
+    """Whether a module or parameter path (no component prefix) is HF T5EncoderModel's (`shared`,
+    `encoder.block.N.…`, `encoder.final_layer_norm`): the model map and key parser agree on T5 through it."""
+    return _T5_PATH.match(path) is not None
+
 # Keys that belong to no module and are reported as such (bundled textual-inversion embeddings).
 _BUNDLE = "bundle_emb."
 
@@ -101,7 +107,7 @@ def _split_suffix(key: str) -> Optional[tuple]:
 
 def _guess_component(path: str) -> str:
     """Component of a prefix-less dotted path (PEFT `base_model.model.` or no prefix at all)."""
-    if _T5_PATH.match(path):
+    if is_t5_path(path):
         return "te3"
     if path.startswith(("text_model.", "encoder.layers.", "transformer.resblocks.")):
         return "te1"
@@ -148,7 +154,7 @@ def parse_key(key: str) -> Optional[KeyParts]:
                 comp = _guess_component(path)
             if path.startswith("base_model.model."):
                 path = path[len("base_model.model."):]
-            if comp in ("te1", "te2") and _T5_PATH.match(path):
+            if comp in ("te1", "te2") and is_t5_path(path):
                 comp = "te3"
             return KeyParts(comp, path.replace(".", "_"), suffix, path) if path else None
     # A dotted key with no known prefix (e.g. a bare PEFT state dict of one sub-model, an XLabs file).

@@ -31,6 +31,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from . import dit
+from .keys import is_t5_path
 
 Tensor = torch.Tensor
 
@@ -55,7 +56,6 @@ ROOTS: tuple = (
 _BARE_UNET = ("conv_in.", "down_blocks.", "input_blocks.", "time_embed.", "time_embedding.", "joint_blocks.",
               "double_blocks.", "single_blocks.", "transformer_blocks.", "x_embedder.", "img_in.")
 _BARE_TEXT = ("text_model.", "encoder.layers.", "transformer.resblocks.")
-_T5 = ("encoder.block.", "shared.")
 
 _RESNET_LDM_TO_DIFF = {
     "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -230,13 +230,14 @@ class ModelMap:
         roots = {}
         for prefix, comp in ROOTS:
             if comp not in roots and prefix not in roots.values() and any(k.startswith(prefix) for k in shapes):
-                if comp == "te2" and "te3" not in roots and any(k.startswith(tuple(prefix + t for t in _T5)) for k in shapes):
+                if comp == "te2" and "te3" not in roots and \
+                        any(k.startswith(prefix) and is_t5_path(k[len(prefix):]) for k in shapes):
                     comp = "te3"   # diffusers' Flux pipeline: text_encoder_2 is T5
                 roots[comp] = prefix
         if not roots:   # a bare component: a UNet/transformer or a text encoder on its own
             if any(k.startswith(_BARE_UNET) for k in shapes):
                 roots["unet"] = ""
-            elif any(k.startswith(_T5) for k in shapes):
+            elif any(is_t5_path(k) for k in shapes):
                 roots["te3"] = ""
             elif any(k.startswith(_BARE_TEXT) for k in shapes):
                 roots["te1"] = ""
@@ -338,7 +339,7 @@ class ModelMap:
             if not name.endswith(".weight"):
                 continue
             module = name[: -len(".weight")]
-            if module.startswith(_T5) or module == "shared":   # T5: HF names as they are
+            if is_t5_path(module):   # T5: HF names as they are
                 self._add(comp, prefix, module, params, (module,), None, module)
                 continue
             if openclip:

@@ -94,7 +94,7 @@ import torch
 import torch.nn.functional as F
 
 from .blocks import ARCHS, BlockMapError, block_id
-from .compose import merged_bias
+from .compose import Contribution, merged_bias
 from .modelmap import ModelMap, Target
 from .network import Binding, LoadReport, Network, bind
 
@@ -606,7 +606,7 @@ class Patcher:
         if slot is None:
             param = self._params[target.weight]
             bias = self._params.get(target.bias) if target.bias else None
-            block = _block_of(target, self.modelmap)
+            block = block_of(target, self.modelmap)
             whole = replace(target, rows=None, swap=False, shape=logical_shape(param)) \
                 if target.rows is not None or target.swap else target
             slot = _Slot(target=whole, param=param, bias_param=bias, group=(target.component, block),
@@ -731,7 +731,7 @@ class Patcher:
         if not self._can_bypass(slot):
             module = type(self._modules.get(slot.target.module)).__name__
             return "skip", f"{lb.label} weight in a {module}, which a forward hook cannot reach"
-        if _needs_weight(c) and not lb.dequantizable:
+        if needs_weight(c) and not lb.dequantizable:
             what = f"{c.adapter.algo} with DoRA" if c.dora_scale is not None else c.adapter.algo
             return "skip", (f"{what} needs the weight for its ΔW and a {lb.label} weight has no dequantize() "
                             f"(the host can pass Patcher(dequantize=...))")
@@ -913,7 +913,7 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32",
     lr = [(f, c, m) for c, m, f in terms if f is not None]
     other = [(c, m) for c, m, f in terms if f is None]
     if lr and not other and direct:
-        up, down, alpha = _stack(lr)
+        up, down, alpha = stack_factors(lr)
         w2 = w.view(w.shape[0], -1)
         if not holds_base:
             w2.copy_(base.reshape(w2.shape))
@@ -929,7 +929,7 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32",
     started = holds_base and acc is w          # acc already holds base's bits: update it in place
     base32 = base if base.dtype == torch.float32 else None      # made only where a term reads it
     if lr:
-        up, down, alpha = _stack([((u.float(), d.float()), c, m) for (u, d), c, m in lr])
+        up, down, alpha = stack_factors([((u.float(), d.float()), c, m) for (u, d), c, m in lr])
         if not started:
             acc.copy_(base)                    # exact in float32
         acc.view(acc.shape[0], -1).addmm_(up, down, alpha=alpha)
@@ -965,9 +965,10 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32",
         w.copy_(acc)
 
 
-def _stack(terms: list) -> tuple:
-    """(up, down, alpha) with alpha·up@down = Σ m·s·up_i@down_i: one network keeps its factors and passes
-    m·s as addmm's alpha; several are concatenated along the rank with their m·s folded into `up`."""
+def stack_factors(terms: list) -> tuple:
+    """terms [((up_i (out, r_i), down_i (r_i, in)), Contribution, m_i)] -> (up (out, R), down (R, in), alpha)
+    with alpha·up@down = Σ m_i·s_i·up_i@down_i: one network keeps its factors and passes m·s as the GEMM's
+    alpha; several are concatenated along the rank (R = Σ r_i) with their m·s folded into `up`."""
     if len(terms) == 1:
         (up, down), c, m = terms[0]
         return up, down, m * c.scale
@@ -975,7 +976,7 @@ def _stack(terms: list) -> tuple:
     return torch.cat(ups, dim=1), torch.cat([d for (_, d), _, _ in terms], dim=0), 1.0
 
 
-def _block_of(target: Target, modelmap: ModelMap) -> Optional[str]:
+def block_of(target: Target, modelmap: ModelMap) -> Optional[str]:
     """LBW block id of a target; None outside the blocks or where the architecture is unknown."""
     arch = modelmap.arch
     if arch not in ARCHS:
@@ -987,7 +988,7 @@ def _block_of(target: Target, modelmap: ModelMap) -> Optional[str]:
         return None
 
 
-def _needs_weight(c) -> bool:
+def needs_weight(c: Contribution) -> bool:
     """Whether a contribution's W'(m) − W reads the original weight (DoRA, rotations, IA3, GLoRA)."""
     return (not c.adapter.additive) or c.adapter.needs_base or c.dora_scale is not None
 
@@ -1041,9 +1042,9 @@ class _BypassHook:
         key = (None if linear else m, x.dtype, x.device)
         cached = self._delta_cache.get(id(c))
         if cached is None or cached[0] != key:
-            base = self.weight32(self.slot, x.device) if _needs_weight(c) else None
+            base = self.weight32(self.slot, x.device) if needs_weight(c) else None
             if base is None:
-                if _needs_weight(c):
+                if needs_weight(c):
                     raise NotImplementedError(f"no float copy of the {self.slot.lowbit.label} weight")
                 base = torch.zeros(self.slot.target.shape, dtype=torch.float32, device=x.device)
             d = c.weight_delta(base, 1.0 if linear else m)
