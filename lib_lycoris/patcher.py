@@ -604,8 +604,8 @@ class Patcher:
         k = target.weight
         slot = self._slots.get(k)
         if slot is None:
-            param = self._params[target.weight]
-            bias = self._params.get(target.bias) if target.bias else None
+            param = self._live(target.weight, target.module)
+            bias = self._live(target.bias, target.module) if target.bias else None
             block = block_of(target, self.modelmap)
             whole = replace(target, rows=None, swap=False, shape=logical_shape(param)) \
                 if target.rows is not None or target.swap else target
@@ -669,8 +669,24 @@ class Patcher:
             self._drop_idle_slots()
         return len(plan)
 
+    def _live(self, name: str, module: str) -> Optional[Tensor]:
+        """The parameter now at `name` (None: no such parameter). Hosts may replace parameter objects: Forge's
+        GGUF Linear sets a new ParameterGGUF on every `.to()` (its `_apply`), which it runs before each
+        sampling, so the objects seen when this Patcher was built go stale; the module's attribute is the truth."""
+        leaf = name.rsplit(".", 1)[-1]
+        current = getattr(self._modules.get(module), leaf, None)
+        if isinstance(current, torch.Tensor):
+            self._params[name] = current
+            return current
+        return self._params.get(name)
+
     def _route_slot(self, slot: _Slot) -> None:
         """The slot's routes, merge/bypass entries and multiplier signature, for its contributions now."""
+        if slot.backup is None:   # never written: a parameter object the host replaced since is followed
+            live = self._live(slot.target.weight, slot.target.module)
+            slot.param = slot.param if live is None else live
+            if slot.target.bias:
+                slot.bias_param = self._live(slot.target.bias, slot.target.module)
         slot.routes = [(k, *self._route(slot, self._active[k[0]].mode, c)) for k, c in slot.contribs.items()]
         slot.merge_keys = tuple(k for k, route, _ in slot.routes if route == "merge")
         slot.bypass_keys = tuple(k for k, route, _ in slot.routes if route == "bypass")

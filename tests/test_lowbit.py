@@ -574,3 +574,31 @@ def test_bypass_reaches_multihead_out_proj_and_lora_bias(tmp_path):
         p.restore()
     assert not torch.allclose(plain, merged, **TOL)
     torch.testing.assert_close(bypass, merged, **TOL)
+
+
+def test_host_replacing_quantised_parameter_objects(sd1, nets, inputs):
+    """Forge's GGUF Linear sets a new ParameterGGUF object on every `.to()` (its `_apply`), which Forge runs
+    before each sampling: a Patcher built before that must follow the module's current parameter, at a first
+    apply and at a set change while parked, or every GGUF module is skipped ("a forward hook cannot reach")."""
+    tm = tiny_model("sd1", 0)
+    names = _quantise(tm, GGUFLikeTensor.parameter, CastLinear)
+    p = Patcher(tm.root)                                   # built at model load, as the glue does
+
+    def host_moves_the_model() -> None:
+        for name in names:
+            m = tm.unet.get_submodule(name)
+            old = m.weight
+            new = nn.Parameter(GGUFLikeTensor(old.data.as_subclass(torch.Tensor).clone()), requires_grad=False)
+            new.tensor_shape = old.tensor_shape
+            m.weight = new
+    plain = forward(tm, inputs)
+    sets = [[(nets["lora"], Strength(s)), (nets["ia3"], Strength(0.7))] for s in (0.9, 0.5)]
+    refs = [reference(items, tm, inputs) for items in sets]      # before anything is merged into tm
+    for items, ref in zip(sets, refs):
+        host_moves_the_model()
+        stats = p.apply(items)
+        assert not stats.skipped and stats.lowbit_bypass == len(names)
+        torch.testing.assert_close(forward(tm, inputs), ref, **TOL)
+        p.park()
+    p.restore()
+    assert torch.equal(forward(tm, inputs), plain)
