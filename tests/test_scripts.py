@@ -466,9 +466,19 @@ def test_failure_inside_apply_gives_an_image_without_networks(both, monkeypatch)
     monkeypatch.setattr(P, "write_weight", flaky)
     snap = _snapshot(glue.tm.root)
     p = _p(glue.shared)
+    cache = [None, None]           # A1111's class-level cond cache: [key (prompt, tags, ...), conds]
+
+    def get_conds_with_caching(function, required_prompts, steps, caches, extra_network_data, hires_steps=None):
+        for c in caches:
+            c[0], c[1] = (required_prompts, extra_network_data), function()
+        return caches[0][1]
+    p.get_conds_with_caching = get_conds_with_caching
     glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:1> <lyco:hat:1>"))
     assert len(calls) >= 10 and _same(glue.tm.root, snap)
     assert "out of memory" in p.extra_generation_params["Lora warnings"] and any("not applied" in c for c in p.comments)
+    # the host's cond cache must not keep this generation's network-free conds for the next one (same key)
+    assert p.get_conds_with_caching(lambda: "conds", ["a cat"], 4, [cache], {"lora": []}) == "conds"
+    assert cache[0] is None
     glue.mod.EXTRA_NETWORK.deactivate(p)
     monkeypatch.setattr(P, "write_weight", real)
     glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:1>"))     # the next generation works

@@ -11,7 +11,7 @@ from lib_lycoris.tags import parse_prompt
 
 from .host import (HOST, INFOTEXT_HASHES, INFOTEXT_TRIGGERS, INFOTEXT_WARNING_LIMIT, INFOTEXT_WARNINGS, MODES,
                    TAGS_PLACEHOLDER, Host, _opt, model_components)
-from .steps import _install_cond_wrapper
+from .steps import _install_cond_wrapper, forget_conds_after
 
 log = logging.getLogger("lycoris")
 
@@ -100,6 +100,7 @@ class ExtraNetworkLycoris(extra_networks.ExtraNetwork):
             self.host.restore()
         finally:
             self.host.activation = None
+        forget_conds_after(p)   # else the host's cond cache serves this network-free result to the next image
         text = f"networks not applied ({type(error).__name__}: {error}); the image is generated without them"
         if hasattr(p, "comment"):
             p.comment(text)

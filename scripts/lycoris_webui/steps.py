@@ -99,3 +99,20 @@ def _install_cond_wrapper(p) -> None:
                         hires_steps)
     p.get_conds_with_caching = get_conds_with_caching
     p._lycoris_cond_wrapper = True
+
+
+def forget_conds_after(p) -> None:
+    """The conds this generation computes are not kept in the host's cache. A1111 keys that cache by prompt
+    and tags, not by whether the networks were applied: after a failed apply (the image made without them)
+    the next generation with the same prompt would reuse the network-free text-encoder result."""
+    if not hasattr(p, "get_conds_with_caching"):
+        return
+    original = p.get_conds_with_caching
+
+    def get_conds_with_caching(function, required_prompts, steps, caches, extra_network_data, hires_steps=None):
+        try:
+            return original(function, required_prompts, steps, caches, extra_network_data, hires_steps)
+        finally:
+            for cache in caches:
+                cache[0] = None
+    p.get_conds_with_caching = get_conds_with_caching
