@@ -643,3 +643,23 @@ def test_parked_networks_leave_a_model_the_host_swaps_out(glue):
     net.activate(_p(glue.shared), _params(glue.en, "<lora:ink:1>"))
     _same_as_fresh(glue, [("ink", 1.0)], seed=7)
     _next_without_tags_is_base(glue, _p(glue.shared), base_b)
+
+
+def test_parked_networks_leave_a_model_reused_from_the_checkpoint_cache(both):
+    """A1111 with sd_checkpoints_limit > 1 switches back to a model kept in RAM without a model-loaded callback:
+    the model the networks were applied to gets its original bits back when the next activate sees another
+    model, whichever way; both models stay exact across A -> B -> A -> B with tags on each."""
+    glue = both
+    net = glue.mod.EXTRA_NETWORK
+    a, b = glue.tm, tiny_model("sd1", 7)
+    base = {id(a): _snapshot(a.root), id(b): _snapshot(b.root)}
+    for model in (a, b, a, b):
+        glue.shared.sd_model, glue.tm = model.root, model
+        other = b if model is a else a
+        p = _p(glue.shared)
+        net.activate(p, _params(glue.en, "<lora:ink:1>"))
+        assert _same(other.root, base[id(other)])                 # the last model is clean again
+        _same_as_fresh(glue, [("ink", 1.0)], seed=0 if model is a else 7)
+        net.deactivate(p)
+    _next_without_tags_is_base(glue, _p(glue.shared), base[id(b)])
+    assert _same(a.root, base[id(a)])

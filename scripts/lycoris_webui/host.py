@@ -170,7 +170,11 @@ class Host:
 
     # --- the patcher of the loaded model --------------------------------------------------------
     def patcher(self, sd_model) -> Patcher:
-        if self._patcher is None or self._patcher_model is not sd_model:
+        """The patcher of `sd_model`; another model than the last one (A1111 reuses a model from its checkpoint
+        cache without a model-loaded callback): the last one gets its original bits back first."""
+        if self._patcher is not None and self._patcher_model is not sd_model:
+            self._leave_model(sd_model)
+        if self._patcher is None:
             self._patcher = Patcher.from_components(model_components(sd_model), keep_backups=_keep_backups(),
                                                     lowbit=_opt("lycoris_lowbit", "bypass"),
                                                     dequantize=_host_dequantizer())
@@ -210,23 +214,30 @@ class Host:
         write (their backups are stale), the others restored. Another object: the old model, if it still
         holds networks (parked), gets its original bits back (A1111 may keep it in its checkpoint cache)."""
         with self.lock:
-            old = self._patcher
-            if old is not None:
-                try:
-                    if self._patcher_model is sd_model:
-                        forgotten = old.verify()
-                        if forgotten:
-                            log.info("%d weight(s) reloaded by the host: their backups are dropped", forgotten)
-                    old.restore()
-                except (RuntimeError, ValueError, TypeError) as e:   # the old model moved to 'meta', freed
-                    log.info("the previous model's weights were not restored (%s); its patcher is dropped", e)
-            self._patcher = None
-            self._patcher_model = None
+            self._leave_model(sd_model)
             self.activation = None
             self.processing = None
             self._families = {}
         if sd_model is not None:
             self.family(sd_model)   # one INFO line per model load: who applies its networks
+
+    def _leave_model(self, sd_model) -> None:
+        """Drop the patcher of the last model, its weights right first: `sd_model` the same object (new weights
+        loaded into it): the weights that changed are forgotten without a write, the rest restored; another
+        object: all restored (it may live on in the host's checkpoint cache and come back)."""
+        with self.lock:
+            old, model = self._patcher, self._patcher_model
+            self._patcher = self._patcher_model = None
+            if old is None:
+                return
+            try:
+                if model is sd_model:
+                    forgotten = old.verify()
+                    if forgotten:
+                        log.info("%d weight(s) reloaded by the host: their backups are dropped", forgotten)
+                old.restore()
+            except (RuntimeError, ValueError, TypeError) as e:   # the old model moved to 'meta', freed
+                log.info("the previous model's weights were not restored (%s); its patcher is dropped", e)
 
     def lowbit_changed(self) -> None:
         """The low-bit setting: the networks on low-bit weights are re-applied its way from the next image."""
