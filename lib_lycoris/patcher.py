@@ -164,11 +164,13 @@ def dequantized(t: Tensor, device: torch.device, dequantize: Optional[Callable[[
     if lb is None or lb.kind == "fp8":
         out = t.detach().to(device).float()
     else:
+        # the tensor's own method first: a host's dequantiser is for the types without one (Forge passes
+        # bitsandbytes' dequantize_4bit, which fails on its GGUF parameters)
         method = _dequantize_method(t) if lb.kind == "subclass" else None
-        if dequantize is not None:
-            out = dequantize(t)
-        elif method is not None:
+        if method is not None:
             out = method()
+        elif dequantize is not None:
+            out = dequantize(t)
         else:
             return None
         if type(out) is not torch.Tensor:

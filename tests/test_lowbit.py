@@ -602,3 +602,24 @@ def test_host_replacing_quantised_parameter_objects(sd1, nets, inputs):
         p.park()
     p.restore()
     assert torch.equal(forward(tm, inputs), plain)
+
+
+def test_a_tensors_own_dequantize_wins_over_the_hosts(nets, inputs):
+    """Forge passes bitsandbytes' dequantize_4bit as the host dequantiser; on its GGUF parameters (which have
+    their own method) that function fails. The tensor's own method is used first, so IA3 (which reads the
+    weight) still acts on GGUF; the host's function stays for types without a method."""
+    tm = tiny_model("sd1", 0)
+    names = _quantise(tm, GGUFLikeTensor.parameter, CastLinear)
+    calls = []
+
+    def bnb_like(t):
+        calls.append(type(t).__name__)
+        raise AttributeError("'GGUFLikeTensor' object has no attribute 'quant_state'")
+    items = [(nets["ia3"], Strength(0.7))]
+    ref = reference(items, tm, inputs)
+    p = Patcher(tm.root, dequantize=bnb_like)
+    stats = p.apply(items)
+    assert not stats.skipped and stats.lowbit_bypass == len(names)
+    torch.testing.assert_close(forward(tm, inputs), ref, **TOL)
+    assert not p.runtime_warnings and not calls
+    p.restore()

@@ -663,3 +663,26 @@ def test_parked_networks_leave_a_model_reused_from_the_checkpoint_cache(both):
         net.deactivate(p)
     _next_without_tags_is_base(glue, _p(glue.shared), base[id(b)])
     assert _same(a.root, base[id(a)])
+
+
+def test_a_model_the_host_replaced_is_freed_at_its_model_loaded(glue):
+    """After on_model_loaded with a new model object nothing of ours keeps the old one alive (Forge reloading
+    bf16 -> fp8 kept the old 2.2 GB model until a later garbage collection)."""
+    import gc
+    import weakref
+    net, host = glue.mod.EXTRA_NETWORK, glue.mod.HOST
+    p = _p(glue.shared)
+    net.activate(p, _params(glue.en, "<lora:ink:1>"))
+    net.deactivate(p)
+    old = weakref.ref(glue.tm.root)
+    glue.tm.root.host_cycle = [glue.tm.root]     # host models are full of reference cycles (Forge's are)
+    b = tiny_model("sd1", 7)
+    gc.disable()
+    try:
+        glue.shared.sd_model = b.root
+        del p
+        glue.tm = None
+        host.model_loaded(b.root)
+        assert old() is None
+    finally:
+        gc.enable()
