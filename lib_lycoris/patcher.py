@@ -349,10 +349,13 @@ class _Kept:
     def of(cls, slot: "_Slot") -> "_Kept":
         return cls(slot.backup, slot.param.data_ptr(), _version(slot.param))
 
-    def same_tensor(self, slot: "_Slot") -> bool:
-        w = slot.view()
-        return (slot.param.data_ptr() == self.data_ptr and _version(slot.param) == self.version
-                and w.shape == self.backup.shape and w.dtype == self.backup.dtype)
+    def same_tensor(self, param: Tensor) -> bool:
+        return (param.data_ptr() == self.data_ptr and _version(param) == self.version
+                and param.shape == self.backup.shape and param.dtype == self.backup.dtype)
+
+    def holds(self, param: Tensor, bits: Tensor) -> bool:
+        """`param` (its sample bits now: `bits`) is provably untouched since this backup was kept."""
+        return self.sample is not None and self.same_tensor(param) and torch.equal(bits, self.sample)
 
 
 @dataclass
@@ -501,11 +504,12 @@ class Patcher:
         """Every touched weight back to its original bits; hooks removed; networks dropped (where backups are
         kept, their compiled factors are too, until an apply with another set: the same set again costs no
         conversion)."""
+        hold = self.keeps_memory()
         with torch.no_grad():
             for slot in self._slots.values():
                 self._put_back(slot)
         self._seal_kept()
-        if not (self.keep_backups if self.keep_backups is not None else self._kept):
+        if not hold:
             self._compiled.clear()        # nothing is held between generations then
         for h in self._hooks.values():
             h.remove()
@@ -707,8 +711,7 @@ class Patcher:
         if not kept and not parked:
             return 0
         for (name, k), bits in zip(kept, sample_bits([self._params[n].data for n, _ in kept])):
-            if k.sample is not None and k.same_tensor(self._slots.get(name) or self._slot_of(name)) \
-                    and torch.equal(bits, k.sample):
+            if k.holds(self._params[name], bits):
                 k.verified = True
             else:
                 del self._kept[name]
@@ -734,10 +737,6 @@ class Patcher:
             for key in {k[0] for k in slot.contribs}:   # re-added (to every weight) by the coming _set_active
                 self._active.pop(key, None)
         return len(changed)
-
-    def _slot_of(self, name: str) -> _Slot:
-        """A stand-in slot for checking a kept backup of a weight with no live slot (param only)."""
-        return _Slot(target=None, param=self._params[name], bias_param=None, group=())
 
     def _route(self, slot: _Slot, mode: str, c) -> tuple:
         """('merge' | 'bypass' | 'skip', reason where skipped) for one contribution on a slot."""
@@ -781,10 +780,9 @@ class Patcher:
         if slot.backup is None:
             kept = self._kept.pop(slot.target.weight, None)
             if kept is not None and not kept.verified:     # not yet checked this generation (set_step before apply)
-                ok = kept.sample is not None and kept.same_tensor(slot) and \
-                    torch.equal(sample_bits([slot.view()])[0], kept.sample)
-                kept = kept if ok else None
-            slot.backup = kept.backup if kept is not None and kept.same_tensor(slot) else self._copy_out(slot.view())
+                kept = kept if kept.holds(slot.param, sample_bits([slot.view()])[0]) else None
+            slot.backup = kept.backup if kept is not None and kept.same_tensor(slot.param) else \
+                self._copy_out(slot.view())
         if slot.bias_backup is None and slot.bias_param is not None and \
                 any(c.bias_delta is not None for c in slot.contribs.values()):
             slot.bias_backup = self._copy_out(slot.bias_view())

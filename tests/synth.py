@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lib_lycoris.modelmap import ModelMap
 
@@ -101,3 +101,13 @@ def make_network(path: Path, model: torch.nn.Module, kind: str, seed: int = 0, l
             break
     save_file(sd, str(path))
     return path
+
+
+def kohya_modules(path: Path) -> dict:
+    """module name -> {suffix: float64 tensor} of a kohya-style file, read raw (te1 spelled `lora_te_`): the
+    tests' independent view of what a written file holds."""
+    out: dict = {}
+    for k, v in load_file(str(path)).items():
+        name, suffix = k.split(".", 1)
+        out.setdefault(name.replace("lora_te1_", "lora_te_"), {})[suffix] = v.double()
+    return out

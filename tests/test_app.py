@@ -19,6 +19,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
+from synth import kohya_modules  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA = "inkwash_lora"
@@ -347,17 +348,6 @@ EXPORT_PROMPT = f"a red cat <lora:{LORA}:0.8> <lora:moss_loha:0.5>"
 EXPORT_INPUTS = ((LORA, 0.8), ("moss_loha", 0.5))
 
 
-def _raw_modules(path: Path) -> dict:
-    """module name -> {suffix: float64 tensor} of a kohya-style file (one spelling of SD1's text encoder)."""
-    from safetensors.torch import load_file
-
-    out: dict = {}
-    for key, v in load_file(str(path)).items():
-        name, suffix = key.split(".", 1)
-        out.setdefault(name.replace("lora_te1_", "lora_te_"), {})[suffix] = v.double()
-    return out
-
-
 def _raw_delta(t: dict):
     """ΔW (out, in·kh·kw) of one module from its raw tensors, float64, by the formulas of the LyCORIS papers
     (LoRA: up @ down · alpha/rank; LoHa: (w1a @ w1b) ⊙ (w2a @ w2b) · alpha/rank; a full diff as it is): no
@@ -399,9 +389,9 @@ def test_export_writes_the_sum_of_the_scaled_inputs(exported, data_dir):
     assert net.modules and {m.algo for m in net.modules.values()} <= {"lora", "full"}
     want: dict = {}
     for name, m in EXPORT_INPUTS:
-        for module, t in _raw_modules(networks / f"{name}.safetensors").items():
+        for module, t in kohya_modules(networks / f"{name}.safetensors").items():
             want[module] = want.get(module, 0) + m * _raw_delta(t)
-    got = {module: _raw_delta(t) for module, t in _raw_modules(exported.path).items()}
+    got = {module: _raw_delta(t) for module, t in kohya_modules(exported.path).items()}
     assert set(got) == set(want)
     worst = max(float((got[k] - want[k]).norm() / want[k].norm()) for k in want)
     assert worst <= EXACT_VERIFY, worst

@@ -30,7 +30,7 @@ from lib_lycoris.files import addnet_hash
 from lib_lycoris.merge import merge_state_dict
 from lib_lycoris.network import load_network
 from lib_lycoris.patcher import Strength
-from synth import make_network
+from synth import kohya_modules, make_network
 
 STRENGTHS = {"lora": 0.8, "loha": 0.5, "lokr": 0.7}
 
@@ -49,15 +49,6 @@ def sd1(tmp_path_factory):
     nets = {k: make_network(d / f"{k}.safetensors", tm.root, k, seed=i)
             for i, k in enumerate(("lora", "loha", "lokr", "locon-tucker", "lora-dora", "full", "norm"))}
     return {"dir": d, "tm": tm, "ckpt": ckpt, "nets": nets}
-
-
-def _modules(path: Path) -> dict:
-    """module name -> {suffix: float64 tensor} of a kohya-style file (te1 spelled `lora_te_`)."""
-    out: dict = {}
-    for k, v in load_file(str(path)).items():
-        name, suffix = k.split(".", 1)
-        out.setdefault(name.replace("lora_te1_", "lora_te_"), {})[suffix] = v.double()
-    return out
 
 
 def official_delta(t: dict) -> torch.Tensor:
@@ -90,7 +81,7 @@ def target(paths_strengths: list) -> dict:
     """Σ m·ΔW per module name, float64, from the input files (official code)."""
     out: dict = {}
     for path, m in paths_strengths:
-        for name, t in _modules(path).items():
+        for name, t in kohya_modules(path).items():
             d = official_delta(t) * m
             out[name] = out[name] + d if name in out else d
     return out
@@ -175,7 +166,7 @@ def test_factor_svd_equals_dense_svd_float64():
 def test_rank_is_eckart_young_optimal_for_a_stack_of_lora_loha_lokr(sd1):
     out, rep = _export(sd1, ["lora", "loha", "lokr"], RankMode.rank(4), dtype="fp32")
     ref = target([(sd1["nets"][n], STRENGTHS[n]) for n in ("lora", "loha", "lokr")])
-    got = _modules(out)
+    got = kohya_modules(out)
     assert set(got) == set(ref)                       # every module of every input, one output module each
     by_name = {u.name.replace("lora_te1_", "lora_te_"): u for u in rep.units}
     methods, lossy = set(), 0
@@ -225,8 +216,8 @@ def test_round_trip_with_our_loader_and_official_create_network_from_weights(sd1
 def test_exact_lora_only_is_concatenated_and_lossless(sd1):
     out, rep = _export(sd1, ["lora", "locon-tucker"], RankMode.exact())
     ref = target([(sd1["nets"]["lora"], 0.8), (sd1["nets"]["locon-tucker"], 0.6)])
-    got = _modules(out)
-    tucker = _modules(sd1["nets"]["locon-tucker"])
+    got = kohya_modules(out)
+    tucker = kohya_modules(sd1["nets"]["locon-tucker"])
     diffs = 0
     for name, d in ref.items():
         t = got[name]
@@ -250,7 +241,7 @@ def load_file_metadata(path: Path) -> dict:
 def test_exact_mixed_types_write_diff_where_no_smaller_and_say_so(sd1):
     out, rep = _export(sd1, ["lora", "loha", "lokr"], RankMode.exact())
     ref = target([(sd1["nets"][n], STRENGTHS[n]) for n in ("lora", "loha", "lokr")])
-    got = _modules(out)
+    got = kohya_modules(out)
     kinds = {"diff" if "diff" in t else "lora" for t in got.values()}
     assert kinds == {"diff", "lora"}
     for name, d in ref.items():
@@ -269,7 +260,7 @@ def test_size_budget_is_respected_and_beats_uniform_rank(sd1):
     budget = uni.lora_bytes / 1e6
     out, wf = _export(sd1, names, RankMode.size_mb(budget))
     assert wf.lora_bytes <= uni.lora_bytes
-    got = _modules(out)
+    got = kohya_modules(out)
     lost = sum(float((written_delta(got[n]) - d).norm()) ** 2 if n in got else float(d.norm()) ** 2
                for n, d in ref.items())
     lost_uniform = sum(optimal_error(d, 2) ** 2 for d in ref.values())
@@ -285,7 +276,7 @@ def test_size_budget_is_respected_and_beats_uniform_rank(sd1):
 def test_fro_keeps_the_fraction_with_the_smallest_rank(sd1):
     out, rep = _export(sd1, ["lora", "loha"], RankMode.fro(0.9), dtype="fp32")
     ref = target([(sd1["nets"][n], STRENGTHS[n]) for n in ("lora", "loha")])
-    got = _modules(out)
+    got = kohya_modules(out)
     for name, d in ref.items():
         k = got[name]["lora_down.weight"].shape[0]
         s2 = torch.linalg.svdvals(d) ** 2
@@ -298,7 +289,7 @@ def test_dense_inputs_use_svd_lowrank_within_one_percent_of_optimal(sd1):
     measured error stays within 1 % of the optimum even on these flat (Gaussian) spectra."""
     out, rep = _export(sd1, ["full"], RankMode.rank(2), dtype="fp32")
     ref = target([(sd1["nets"]["full"], 0.6)])
-    got = _modules(out)
+    got = kohya_modules(out)
     lowrank = [u for u in rep.units if u.method.startswith("svd_lowrank")]
     assert len(lowrank) > 50 and all(u.optimal is None for u in lowrank)   # the randomized spectrum is partial
     for u in lowrank:
@@ -335,8 +326,8 @@ def test_dora_needs_model_and_then_matches_merge(sd1):
     assert changed > 100
     assert any(u.written == "diff" and len(u.shape) == 1 for u in rep.units)   # norms as 1-D diffs
     out, rep = _export(sd1, ["norm"], RankMode.rank(4))     # a norm's ΔW does not read W: no --model needed
-    norm = _modules(sd1["nets"]["norm"])
-    for name, t in _modules(out).items():
+    norm = kohya_modules(sd1["nets"]["norm"])
+    for name, t in kohya_modules(out).items():
         torch.testing.assert_close(t["diff"], norm[name]["w_norm"] * 0.6, rtol=2e-3, atol=1e-5)   # fp16
         torch.testing.assert_close(t["diff_b"], norm[name]["b_norm"] * 0.6, rtol=2e-3, atol=1e-5)
 
@@ -378,8 +369,8 @@ def test_prompt_form_folds_te_and_block_weights_and_refuses_schedules(sd1):
     with pytest.raises(ExportError, match="block weights need the base model"):   # tiny nets: base unknown
         export_prompt(prompt, [d], out, RankMode.exact(), device="cpu")
     export_prompt(prompt, [d], out, RankMode.exact(), device="cpu", model=sd1["ckpt"])
-    got = _modules(out)
-    lora, loha = _modules(sd1["nets"]["lora"]), _modules(sd1["nets"]["loha"])
+    got = kohya_modules(out)
+    lora, loha = kohya_modules(sd1["nets"]["lora"]), kohya_modules(sd1["nets"]["loha"])
     for name, t in got.items():
         w = written_delta(t)
         if name.startswith("lora_te_"):
@@ -400,7 +391,7 @@ def test_prompt_form_folds_te_and_block_weights_and_refuses_schedules(sd1):
         assert _no_output(d, "s.safetensors")
     export_prompt("<lora:lora:0@0,1@0.5>", [d], d / "s.safetensors", RankMode.exact(), step=8, total_steps=10,
                   device="cpu")
-    at8 = _modules(d / "s.safetensors")                           # step 8 of 10: weight 1
+    at8 = kohya_modules(d / "s.safetensors")                           # step 8 of 10: weight 1
     name = "lora_unet_mid_block_attentions_0_proj_in"
     ref = official_delta(lora[name])                              # the schedule is 1 from half-way
     assert float((written_delta(at8[name]) - ref).norm()) <= 1e-5 * float(ref.norm())
@@ -409,7 +400,7 @@ def test_prompt_form_folds_te_and_block_weights_and_refuses_schedules(sd1):
 def test_resize_factor_space_and_metadata(sd1, tmp_path):
     """A rank-16 LoRA resized to 4: optimal per module (float64 dense SVD), training metadata kept."""
     g = torch.Generator().manual_seed(5)
-    src = _modules(sd1["nets"]["lora"])
+    src = kohya_modules(sd1["nets"]["lora"])
     sd = {}
     for name, t in list(src.items())[:40]:
         down, up = t["lora_down.weight"], t["lora_up.weight"]
@@ -420,7 +411,7 @@ def test_resize_factor_space_and_metadata(sd1, tmp_path):
     save_file(sd, str(big), metadata={"ss_base_model_version": "sd_v1", "ss_tag_frequency": '{"a": {"cat": 3}}'})
     out = tmp_path / "small.safetensors"
     rep = resize_network(big, out, RankMode.rank(4), device="cpu", dtype="fp32")
-    got, ref = _modules(out), _modules(big)
+    got, ref = kohya_modules(out), kohya_modules(big)
     for name, t in ref.items():
         d = official_delta(t)
         assert float((written_delta(got[name]) - d).norm()) <= optimal_error(d, 4) * (1 + 1e-4) + 1e-6 * float(d.norm())
@@ -452,7 +443,7 @@ def test_extract_tuned_minus_base_skips_unchanged_text_encoder(sd1, tmp_path):
     out = tmp_path / "extracted.safetensors"
     rep = extract_checkpoint(tp, sd1["ckpt"], out, RankMode.rank(3), device="cpu", dtype="fp32")
     assert any("te1: text encoder unchanged" in line for line in rep.lines)
-    got = _modules(out)
+    got = kohya_modules(out)
     assert not any(n.startswith("lora_te") for n in got)
     assert got["lora_unet_down_blocks_0_resnets_0_conv1"]["lora_down.weight"].dim() == 4
     for name, t in got.items():

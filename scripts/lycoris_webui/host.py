@@ -265,21 +265,20 @@ class Host:
         """After a batch. Setting lycoris_keep_applied (default on), where backups stay in host memory anyway:
         the networks stay in the weights (parked), so the same set again costs nothing and another set
         rewrites only what changes; the next apply checks the weights first (`Patcher.verify`). Else: restore."""
-        with self.lock:
-            patcher = self._patcher
-            if patcher is not None and _keep_applied() and patcher.keeps_memory():
-                patcher.park()
-                patcher.runtime_warnings.clear()
-                self.activation = None
-                self.processing = None
-                return
-        self.restore()
+        self._end(park=_keep_applied())
 
     def restore(self) -> None:
+        self._end(park=False)
+
+    def _end(self, park: bool) -> None:
         with self.lock:
-            if self._patcher is not None:
-                self._patcher.restore()
-                self._patcher.runtime_warnings.clear()   # logged when they happened (inside a forward)
+            patcher = self._patcher
+            if patcher is not None:
+                if park and patcher.keeps_memory():
+                    patcher.park()
+                else:
+                    patcher.restore()
+                patcher.runtime_warnings.clear()   # logged when they happened (inside a forward)
             self.activation = None
             self.processing = None
 
