@@ -469,15 +469,22 @@ def test_failure_inside_apply_gives_an_image_without_networks(both, monkeypatch)
     cache = [None, None]           # A1111's class-level cond cache: [key (prompt, tags, ...), conds]
 
     def get_conds_with_caching(function, required_prompts, steps, caches, extra_network_data, hires_steps=None):
+        key = (tuple(required_prompts), steps, repr(extra_network_data))     # A1111: prompt, steps, tags
         for c in caches:
-            c[0], c[1] = (required_prompts, extra_network_data), function()
+            if c[0] == key:
+                return c[1]
+        for c in caches:
+            c[0], c[1] = key, function()
         return caches[0][1]
     p.get_conds_with_caching = get_conds_with_caching
+    # the image before, same prompt and tags, with the networks: its conds (text encoder patched) are cached
+    assert get_conds_with_caching(lambda: "with networks", ["a cat"], 4, [cache], {"lora": []}) == "with networks"
     glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:1> <lyco:hat:1>"))
     assert len(calls) >= 10 and _same(glue.tm.root, snap)
     assert "out of memory" in p.extra_generation_params["Lora warnings"] and any("not applied" in c for c in p.comments)
-    # the host's cond cache must not keep this generation's network-free conds for the next one (same key)
-    assert p.get_conds_with_caching(lambda: "conds", ["a cat"], 4, [cache], {"lora": []}) == "conds"
+    # this image is made without the networks: neither the cached conds of the image before (same key) may
+    # serve it, nor may its own network-free conds stay cached for the next one
+    assert p.get_conds_with_caching(lambda: "without", ["a cat"], 4, [cache], {"lora": []}) == "without"
     assert cache[0] is None
     glue.mod.EXTRA_NETWORK.deactivate(p)
     monkeypatch.setattr(P, "write_weight", real)

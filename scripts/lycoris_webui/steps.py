@@ -102,14 +102,17 @@ def _install_cond_wrapper(p) -> None:
 
 
 def forget_conds_after(p) -> None:
-    """The conds this generation computes are not kept in the host's cache. A1111 keys that cache by prompt
-    and tags, not by whether the networks were applied: after a failed apply (the image made without them)
-    the next generation with the same prompt would reuse the network-free text-encoder result."""
+    """This generation neither reads nor keeps the host's cached conds. A1111 keys that cache by prompt and
+    tags, not by whether the networks were applied: after a failed apply (the image made without them) the
+    cache may hold the image before's conds with the same tags (text encoder patched), and what this image
+    computes without the networks must not serve the next one."""
     if not hasattr(p, "get_conds_with_caching"):
         return
     original = p.get_conds_with_caching
 
     def get_conds_with_caching(function, required_prompts, steps, caches, extra_network_data, hires_steps=None):
+        for cache in caches:
+            cache[0] = None
         try:
             return original(function, required_prompts, steps, caches, extra_network_data, hires_steps)
         finally:
