@@ -132,11 +132,11 @@ class RankMode:
 
     def __post_init__(self) -> None:
         if self.kind == "rank" and (self.value < 1 or self.value != int(self.value)):
-            raise ExportError(f"--rank must be a whole number ≥ 1, not {self.value:g}")
+            raise ExportError(f"the rank (--rank) must be a whole number ≥ 1, not {self.value:g}")
         if self.kind == "fro" and not 0.0 < self.value <= 1.0:
-            raise ExportError(f"--fro is the fraction of ‖ΔW‖² to keep, in (0, 1], not {self.value:g}")
+            raise ExportError(f"the fraction of ‖ΔW‖² to keep (--fro) must be in (0, 1], not {self.value:g}")
         if self.kind == "size" and not (self.value > 0 and math.isfinite(self.value)):
-            raise ExportError(f"--size-mb must be a positive number of megabytes, not {self.value:g}")
+            raise ExportError(f"the size budget (--size-mb) must be a positive number of megabytes, not {self.value:g}")
         if self.kind not in ("rank", "fro", "size", "exact"):
             raise ExportError(f"unknown rank mode {self.kind!r}")
 

@@ -699,13 +699,14 @@ class Patcher:
         slot.sig = (slot.group, tuple(k[0] for k in slot.merge_keys + slot.bypass_keys))
         slot.ms = None
 
-    def verify(self) -> int:
+    def verify(self, reloaded: bool = False) -> int:
         """After `restore` or `park` (every apply starts with it; a host may call it after loading weights into
         this model): in one batch, check the kept backups not checked since (dropped where the weight changed:
         backed up anew when next written) and the parked weights: one written in place by someone else
         (same storage, new version) or whose sample bits or shape differ is forgotten without a write, its
         current value the new original, and its networks are applied to it at the next apply. A parked
-        tensor the host moved (new storage, same bits) stays ours. Returns the parked weights forgotten."""
+        tensor the host moved (new storage, same bits) stays ours. Returns the parked weights forgotten.
+        reloaded: the caller knows the host loaded new weights into this model (no warning, it says so)."""
         kept = [(n, k) for n, k in self._kept.items() if not k.verified]
         parked = [s for s in self._slots.values() if s.sealed is not None]
         if not kept and not parked:
@@ -725,7 +726,7 @@ class Patcher:
                     not torch.equal(bits, sealed):
                 changed.append(slot)
             slot.sealed = None
-        if changed:
+        if changed and not reloaded:
             log.warning("%d weight(s) changed outside lycoris-loader since the last generation (e.g. %s): "
                         "the networks are applied to them as they are now", len(changed), changed[0].target.weight)
         for slot in changed:

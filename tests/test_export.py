@@ -534,3 +534,7 @@ def test_errors_are_lycoris_errors():
         RankMode.rank(0)
     with pytest.raises(LycorisError):
         RankMode.size_mb(-1)
+    # the same messages reach the WebUI's and the app's export panels and the API: they name the setting first
+    for choice, value, start in (("rank", 2.5, "the rank"), ("fro", 2, "the fraction"), ("size-mb", 0, "the size")):
+        with pytest.raises(ExportError, match=f"^{start}"):
+            RankMode.from_choice(choice, value)

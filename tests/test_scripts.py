@@ -538,12 +538,17 @@ def _switch_checkpoint(glue, behind_autograd: bool):
     return net, p, other
 
 
-def test_checkpoint_switch_never_writes_a_stale_backup(both):
+def test_checkpoint_switch_never_writes_a_stale_backup(both, caplog):
     """Backups kept, then the host loads another checkpoint's weights into the same model object: without
-    the tag the model is the new checkpoint bit for bit; with it, the new checkpoint + the network."""
+    the tag the model is the new checkpoint bit for bit; with it, the new checkpoint + the network. The
+    reload is expected there: no warning about weights changed outside (INFO says what was dropped)."""
     glue = both
     net, p, other = _switch_checkpoint(glue, behind_autograd=False)
-    glue.mod.HOST.model_loaded(glue.shared.sd_model)                      # the host's on_model_loaded
+    with caplog.at_level("INFO", logger="lycoris"):
+        glue.mod.HOST.model_loaded(glue.shared.sd_model)                  # the host's on_model_loaded
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+    if glue.shared.opts.lycoris_keep_applied:
+        assert "reloaded by the host" in caplog.text
     new_base = _snapshot(glue.tm.root)
     net.activate(p, [])
     assert _same(glue.tm.root, new_base)

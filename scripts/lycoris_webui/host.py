@@ -233,7 +233,7 @@ class Host:
                 return
             try:
                 if model is sd_model:
-                    forgotten = old.verify()
+                    forgotten = old.verify(reloaded=True)
                     if forgotten:
                         log.info("%d weight(s) reloaded by the host: their backups are dropped", forgotten)
                 old.restore()
