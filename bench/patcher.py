@@ -2,6 +2,7 @@
 
     python bench/patcher.py            # SD1.5-size UNet (fp32 on CPU, fp16 on CUDA)
     python bench/patcher.py --quick    # small UNet, under a minute on CPU
+    python bench/patcher.py --tiny     # 1/40 channels: compute ~0, what is left is the per-module fixed cost
     python bench/patcher.py --model sdxl   # SDXL-size UNet (needs a GPU: 10 GB of fp32 weights + backups)
 
 What it builds: a diffusers `UNet2DConditionModel` with the SD1.5 (or SDXL) config, made on the meta
@@ -92,6 +93,9 @@ SDXL = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
             addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32)
 # --quick: the SD1.5 topology (same 278 modules, same key names) with 1/8 of the channels.
 QUICK = dict(SD15, block_out_channels=(32, 64, 128, 128), cross_attention_dim=256)
+# --tiny: the same 278 modules with 1/40 of the channels: each module's GEMM and copy take ~1 µs, so the
+# times are the per-module fixed cost (Python, op dispatch) that a GPU run would also pay.
+TINY = dict(SD15, block_out_channels=(8, 16, 32, 32), cross_attention_dim=64, norm_num_groups=8)
 
 # kohya's UNet target set (sd-scripts networks/lora.py UNET_TARGET_REPLACE_MODULE + conv ones).
 KOHYA_BLOCKS = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -789,6 +793,7 @@ def speedups(B: Bench) -> dict:
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small UNet (1/8 channels), fewer repetitions")
+    ap.add_argument("--tiny", action="store_true", help="1/40 channels (implies --quick): the per-module fixed cost")
     ap.add_argument("--model", choices=("sd15", "sdxl"), default="sd15")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per operation")
@@ -804,6 +809,7 @@ def main(argv: Optional[list] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("lycoris").setLevel(logging.WARNING)
     skip = set(filter(None, args.skip.split(",")))
+    args.quick = args.quick or args.tiny
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -811,13 +817,13 @@ def main(argv: Optional[list] = None) -> int:
         torch.set_num_threads(args.threads)
     elif device.type == "cpu" and os.getloadavg()[0] > (os.cpu_count() or 1):
         torch.set_num_threads(1)
-    config = QUICK if args.quick else (SDXL if args.model == "sdxl" else SD15)
+    config = TINY if args.tiny else QUICK if args.quick else (SDXL if args.model == "sdxl" else SD15)
     reps = args.reps or (3 if args.quick else (5 if device.type == "cuda" else 2))
     fwd_reps = args.fwd_reps or (3 if args.quick or device.type == "cuda" else 2)
     seed = 1234
     t_start = time.perf_counter()
     B = Bench(device, reps)
-    info = {"env": env_summary(device), "model": "quick" if args.quick else args.model, "dtype": str(dtype),
+    info = {"env": env_summary(device), "model": "tiny" if args.tiny else "quick" if args.quick else args.model, "dtype": str(dtype),
             "reps": reps, "fwd_reps": fwd_reps}
 
     print(f"# bench/patcher.py: {info['model']} UNet, {dtype}, {device}, {reps} timed reps (+1 counted warm-up)",

@@ -20,6 +20,10 @@ factors of all networks on the slot are concatenated along the rank, scaled by m
 sum in a reused float32 buffer); where the weight holds the original bits (a first apply) the copy is
 skipped. Each network's contributions and its factors converted for the weights' device and dtype are
 built once per (network, model) (`_Compiled`) and kept across `restore` while the same set comes back.
+A slot with one plain-LoRA network keeps, from its first write, what the next one needs (its "lane":
+backup view, factors, scale), so a strength change or step switch there is `write_lora` alone, two
+tensor ops, with the same bits. A rollback also covers networks the failing apply drops: their
+contributions stay on the slot (`retired`) while the weight still holds them.
 
 Per generation, not per step or module: `apply` first runs `verify`, which checks in one batched gather
 (`sample_bits`: 16 elements' bits per weight, one `cat` per element size) the kept backups and, after
@@ -282,11 +286,26 @@ class _Slot:
     sig: tuple = ()
     ms: Optional[tuple] = None
     sealed: Optional[tuple] = None   # `park`: (data_ptr, version, sample bits) of the weight as written
+    # one plain-LoRA network merged in place: what its next write needs, so a strength change or step
+    # switch costs two tensor ops (`write_lora`): (key, (dtype, shape, device) of the weight, backup,
+    # backup as (rows, cols), up, down, scale); dropped with the routes
+    lane: Optional[tuple] = None
+    live: bool = False         # param and bias_param were looked up in this apply (`_route_slot` needn't)
+    # contributions of networks dropped from the set while `applied` still holds them: a rollback of the
+    # apply that drops them writes them back (kept until `applied` no longer names them)
+    retired: dict = field(default_factory=dict)
 
     def forget(self, key: tuple) -> None:
         """Drop a network's contributions (every module of it on this weight)."""
+        held = {k for k, _ in self.applied}
+        self.retired.update((k, c) for k, c in self.contribs.items() if k[0] == key and k in held)
         self.contribs = {k: c for k, c in self.contribs.items() if k[0] != key}
-        self.routes = self.ms = None
+        self.routes = self.ms = self.lane = None
+
+    def contribution(self, k: tuple) -> Contribution:
+        """The contribution (key, body) names: an active one, or a retired one still in the weight."""
+        c = self.contribs.get(k)
+        return c if c is not None else self.retired[k]
 
     def view(self) -> Tensor:
         return self.param.data
@@ -310,7 +329,7 @@ def _sample_views(t: Tensor) -> list:
     contiguous tensor; two tensor ops). Bits, not values: NaN and −0 compare as stored."""
     if not t.is_contiguous():
         t = t.contiguous()
-    bits = t.detach().view(_BITS[t.element_size()])
+    bits = (t.detach() if t.requires_grad else t).view(_BITS[t.element_size()])
     n = bits.numel()
     if n <= SAMPLES:
         return [bits.reshape(-1)]
@@ -331,6 +350,24 @@ def sample_bits(tensors: Sequence[Tensor]) -> list:
         flat = torch.cat([v for vs in views for v in vs]).cpu()
         for i, part in zip(idx, flat.split([sum(v.numel() for v in vs) for vs in views])):
             out[i] = part
+    return out
+
+
+def equal_bits(pairs: Sequence[tuple]) -> list:
+    """Per (a, b) pair of 1-D sample-bit tensors, whether they are equal: one `cat` and compare per dtype
+    where all of them are (the usual case), pair by pair only in a group that differs."""
+    out = [False] * len(pairs)
+    groups: dict = {}
+    for i, (a, b) in enumerate(pairs):
+        if a.dtype == b.dtype and a.numel() == b.numel():
+            groups.setdefault(a.dtype, []).append(i)
+    for idx in groups.values():
+        if torch.equal(torch.cat([pairs[i][0] for i in idx]), torch.cat([pairs[i][1] for i in idx])):
+            for i in idx:
+                out[i] = True
+        else:
+            for i in idx:
+                out[i] = torch.equal(pairs[i][0], pairs[i][1])
     return out
 
 
@@ -430,6 +467,7 @@ class Patcher:
         self._kept: dict = {}              # weight name -> _Kept, backups kept after restore
         self._compiled: dict = {}          # key -> _Compiled, of the active (or last restored) set
         self._work: dict = {}              # (device, slot 0-2) -> flat float32 scratch buffer
+        self._static: dict = {}            # weight name -> (whole-weight Target, (component, block)): fixed
         self.keep_backups = keep_backups
         self._skipped: list = []           # (network name, weight, reason): by the last apply
         self.runtime_warnings: list = []   # problems met inside forwards (a dequantiser failing): hosts read
@@ -591,7 +629,7 @@ class Patcher:
         for key, act in wanted.items():
             old = self._active.get(key)
             self._active[key] = act
-            if old is not None:
+            if old is not None and old.network is act.network:
                 continue
             for slot in self._slots.values():
                 slot.forget(key)
@@ -603,7 +641,7 @@ class Patcher:
             for target, body, contribution in comp.contribs:
                 slot = self._slot(target)
                 slot.contribs[(key, body)] = contribution
-                slot.routes = slot.ms = None
+                slot.routes = slot.ms = slot.lane = None
 
     def _slot(self, target: Target) -> _Slot:
         """The slot of the whole weight `target` names (one per parameter, whatever rows a network covers)."""
@@ -612,11 +650,13 @@ class Patcher:
         if slot is None:
             param = self._live(target.weight, target.module)
             bias = self._live(target.bias, target.module) if target.bias else None
-            block = block_of(target, self.modelmap)
-            whole = replace(target, rows=None, swap=False, shape=logical_shape(param)) \
-                if target.rows is not None or target.swap else target
-            slot = _Slot(target=whole, param=param, bias_param=bias, group=(target.component, block),
-                         lowbit=lowbit_of(param, self.dequantize))
+            static = self._static.get(k)
+            if static is None:
+                whole = replace(target, rows=None, swap=False, shape=logical_shape(param)) \
+                    if target.rows is not None or target.swap else target
+                static = self._static[k] = (whole, (target.component, block_of(target, self.modelmap)))
+            slot = _Slot(target=static[0], param=param, bias_param=bias, group=static[1],
+                         lowbit=lowbit_of(param, self.dequantize), live=True)
             self._slots[k] = slot
         return slot
 
@@ -672,6 +712,9 @@ class Patcher:
                 raise
             for slot, ms in moved:
                 slot.ms = ms
+            for slot, _ in plan:
+                if slot.retired:       # written without them: nothing to roll back to any more
+                    slot.retired.clear()
             self._drop_idle_slots()
         return len(plan)
 
@@ -688,11 +731,13 @@ class Patcher:
 
     def _route_slot(self, slot: _Slot) -> None:
         """The slot's routes, merge/bypass entries and multiplier signature, for its contributions now."""
-        if slot.backup is None:   # never written: a parameter object the host replaced since is followed
+        if slot.backup is None and not slot.live:   # never written: a parameter the host replaced is followed
             live = self._live(slot.target.weight, slot.target.module)
             slot.param = slot.param if live is None else live
             if slot.target.bias:
                 slot.bias_param = self._live(slot.target.bias, slot.target.module)
+        slot.live = False
+        slot.lane = None
         slot.routes = [(k, *self._route(slot, self._active[k[0]].mode, c)) for k, c in slot.contribs.items()]
         slot.merge_keys = tuple(k for k, route, _ in slot.routes if route == "merge")
         slot.bypass_keys = tuple(k for k, route, _ in slot.routes if route == "bypass")
@@ -711,19 +756,23 @@ class Patcher:
         parked = [s for s in self._slots.values() if s.sealed is not None]
         if not kept and not parked:
             return 0
-        for (name, k), bits in zip(kept, sample_bits([self._params[n].data for n, _ in kept])):
-            if k.holds(self._params[name], bits):
+        params = [self._params[n] for n, _ in kept]
+        same = [k.sample is not None and k.same_tensor(p) for (_, k), p in zip(kept, params)]
+        held = iter(equal_bits([(bits, k.sample) for ((_, k), bits, s)
+                                in zip(kept, sample_bits([p.data for p in params]), same) if s]))
+        for (name, k), s in zip(kept, same):
+            if s and next(held):           # `_Kept.holds`, its bit comparisons batched
                 k.verified = True
             else:
                 del self._kept[name]
                 log.debug("%s changed since the last restore: its kept backup is dropped", name)
         changed = []
-        for slot, bits in zip(parked, sample_bits([s.view() for s in parked])):
-            ptr, version, sealed = slot.sealed
+        views = [s.view() for s in parked]
+        unchanged = equal_bits([(bits, s.sealed[2]) for s, bits in zip(parked, sample_bits(views))])
+        for slot, w, same_bits in zip(parked, views, unchanged):
+            ptr, version, _ = slot.sealed
             rewritten = slot.param.data_ptr() == ptr and _version(slot.param) != version
-            w = slot.view()
-            if rewritten or w.shape != slot.backup.shape or w.dtype != slot.backup.dtype or \
-                    not torch.equal(bits, sealed):
+            if rewritten or w.shape != slot.backup.shape or w.dtype != slot.backup.dtype or not same_bits:
                 changed.append(slot)
             slot.sealed = None
         if changed and not reloaded:
@@ -820,7 +869,11 @@ class Patcher:
     def _factors(self, slot: _Slot, key: tuple, device: torch.device, dtype: torch.dtype) -> Optional[tuple]:
         """(up, down) of a plain-LoRA contribution on `device` in `dtype`, converted once per set and cached
         (`_Compiled`: kept across restore while the same set comes back)."""
-        cache = self._compiled[key[0]].factors
+        comp = self._compiled.get(key[0])
+        if comp is None or key not in slot.contribs:     # a retired network (a rollback): not cached
+            low = slot.contribution(key).low_rank(device)
+            return None if low is None else (low[0].to(dtype).contiguous(), low[1].to(dtype).contiguous())
+        cache = comp.factors
         k = (slot.target.weight, key[1], device, dtype)
         f = cache.get(k, False)
         if f is False:
@@ -835,12 +888,24 @@ class Patcher:
         if slot.lowbit is not None:
             self._write_stochastic(slot, items)    # `_route` merges no other low-bit weight
             return
-        self._ensure_backup(slot)
         w = slot.view()
+        lane = slot.lane
+        if len(items) == 1 and (lane is None or items[0][0] != lane[0] or slot.backup is not lane[2] or
+                                lane[1] != (w.dtype, w.shape, w.device) or not w.is_contiguous()):
+            self._ensure_backup(slot)
+            lane = slot.lane = self._lane(slot, items[0][0], w)    # one network: made at its first write
+        if len(items) == 1 and lane is not None:
+            # the bits of write_weight's plain-LoRA branch, without building its terms; the weight itself
+            # is not kept: a tensor the host moved is written where it is now
+            write_lora(w if w.dim() == 2 else w.view(lane[3].shape), lane[3], lane[4], lane[5],
+                       items[0][1] * lane[6], holds_base=not slot.applied)
+            return
+        if len(items) != 1:
+            self._ensure_backup(slot)
         dev = w.device
         base = slot.backup if slot.backup.device == dev else slot.backup.to(dev, non_blocking=True)
         lr_dtype = w.dtype if self.compute == "weight" else torch.float32
-        terms = [(slot.contribs[k], m, self._factors(slot, k, dev, lr_dtype)) for k, m in items]
+        terms = [(slot.contribution(k), m, self._factors(slot, k, dev, lr_dtype)) for k, m in items]
         # applied == (): the weight holds the backup's bits, so a LoRA GEMM can run in place
         write_weight(w, base, terms, self.compute, holds_base=not slot.applied, scratch=self._scratch)
         if slot.bias_backup is not None:
@@ -850,6 +915,20 @@ class Patcher:
                 bias = merged_bias(bias, contribs)
             slot.bias_view().copy_(bias)
 
+    def _lane(self, slot: _Slot, key: tuple, w: Tensor) -> Optional[tuple]:
+        """The slot's lane (see `_Slot.lane`) for `key` alone, or None where write_weight's plain-LoRA
+        branch does not apply: another type, a bias delta, a weight summed in float32 (fp16/bf16 with
+        compute='float32'), a backup elsewhere (backup='cpu') or not contiguous."""
+        base = slot.backup
+        if slot.bias_backup is not None or not (w.dtype == torch.float32 or self.compute == "weight") or \
+                base.device != w.device or not (w.is_contiguous() and base.is_contiguous()):
+            return None
+        f = self._factors(slot, key, w.device, w.dtype if self.compute == "weight" else torch.float32)
+        if f is None:
+            return None
+        return key, (w.dtype, w.shape, w.device), base, base.view(w.shape[0], -1), f[0], f[1], \
+            slot.contribution(key).scale
+
     def _write_stochastic(self, slot: _Slot, items: tuple) -> None:
         """An fp8 weight := stochastic_round(float32(backup) + Σ ΔW), seeded per weight (module doc); the
         bias, if a network changes it and it is fp8 too, likewise. No items: the backup's bits."""
@@ -857,7 +936,7 @@ class Patcher:
         w = slot.view()
         dev = w.device
         with torch.no_grad():
-            terms = [(slot.contribs[k], m, self._factors(slot, k, dev, torch.float32)) for k, m in items]
+            terms = [(slot.contribution(k), m, self._factors(slot, k, dev, torch.float32)) for k, m in items]
             if not terms:
                 w.copy_(slot.backup.to(dev))
             else:
@@ -919,9 +998,10 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32",
 
     terms: (Contribution, m, LoRA factors (up, down) or None); the factors are float32, or w's dtype with
     compute='weight'. Plain LoRA terms: one GEMM over the concatenated factors into w (fp32 weights, or any
-    dtype with compute='weight'): w.copy_(base) then w.addmm_(up, down, α) (the same bits as
-    addmm(base, up, down, α, out=w), which copies base into w first); other terms accumulate in float32 in place (LoHa as addcmul of its two products), then one rounding to
-    w's dtype. The same function serves the Patcher and `merge`, so both give the same bits.
+    dtype with compute='weight'): `write_lora`, w.copy_(base) then w.addmm_(up, down, α) (the same bits
+    as addmm(base, up, down, α, out=w), which copies base into w first); other terms accumulate in float32
+    in place (LoHa as addcmul of its two products), then one rounding to w's dtype. The same function
+    serves the Patcher and `merge`, so both give the same bits.
     """
     if not terms:
         w.copy_(base)
@@ -932,9 +1012,7 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32",
     if lr and not other and direct:
         up, down, alpha = stack_factors(lr)
         w2 = w.view(w.shape[0], -1)
-        if not holds_base:
-            w2.copy_(base.reshape(w2.shape))
-        w2.addmm_(up, down, alpha=alpha)
+        write_lora(w2, base.reshape(w2.shape), up, down, alpha, holds_base)
         return
     n = w.numel()
     if w.dtype == torch.float32 and w.is_contiguous():
@@ -980,6 +1058,14 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32",
         acc.copy_(base)
     if acc is not w:
         w.copy_(acc)
+
+
+def write_lora(w2: Tensor, base2: Tensor, up: Tensor, down: Tensor, alpha: float, holds_base: bool) -> None:
+    """w2 (out, in) := base2 + alpha·up@down, in place (the plain-LoRA write; holds_base: w2 already holds
+    base2's bits, so only the GEMM runs)."""
+    if not holds_base:
+        w2.copy_(base2)
+    w2.addmm_(up, down, alpha=alpha)
 
 
 def stack_factors(terms: list) -> tuple:

@@ -133,21 +133,58 @@ def test_failure_inside_a_write_leaves_no_half_written_weight(nets, monkeypatch,
     snap = _snapshot(tm.root)
     ptrs = {k: v.data_ptr() for k, v in tm.root.named_parameters()}
     calls = {"n": 0}
-    real = patcher_mod.write_weight
+    real = patcher_mod.write_lora      # every write of a plain LoRA, first or from a kept lane
 
-    def dying(w, base, terms, compute="float32", **kw):
+    def dying(w2, base2, up, down, alpha, holds_base):
         calls["n"] += 1
         if calls["n"] == 25:
-            w.fill_(float("nan"))
+            w2.fill_(float("nan"))
             raise RuntimeError("simulated kernel failure")
-        return real(w, base, terms, compute, **kw)
-    monkeypatch.setattr(patcher_mod, "write_weight", dying)
+        return real(w2, base2, up, down, alpha, holds_base)
+    monkeypatch.setattr(patcher_mod, "write_lora", dying)
     with pytest.raises(RuntimeError):
         p.apply([(nets["lora"], Strength(0.5))])
-    monkeypatch.setattr(patcher_mod, "write_weight", real)
+    monkeypatch.setattr(patcher_mod, "write_lora", real)
+    assert calls["n"] >= 25
     _assert_same(tm.root, snap)
     assert {k: v.data_ptr() for k, v in tm.root.named_parameters()} == ptrs
     p.restore()
+
+
+@pytest.mark.parametrize("dropped", [["lora"], ["loha"], ["lora", "loha"]])
+def test_failure_while_dropping_networks_rolls_back_to_them(nets, monkeypatch, dropped):
+    """An apply that takes networks out (the next image without their tags, after they were left in the
+    weights) fails half-way: the error is the original one, and the weights are as before, dropped networks
+    included (a rollback needs their contributions after the set has let them go); the next apply works."""
+    tm = tiny_model("sd1", 0)
+    base = _snapshot(tm.root)
+    p = Patcher(tm.root, keep_backups=True)
+    both = [(nets["lora"], Strength(0.8)), (nets["loha"], Strength(0.6))]
+    p.apply(both)
+    before = _snapshot(tm.root)
+    real, calls = Patcher._write, []
+
+    def dying(self, slot, items):
+        calls.append(1)
+        if len(calls) == 12:
+            self._ensure_backup(slot)
+            slot.view().fill_(float("nan"))                  # the write died half-way
+            raise RuntimeError("simulated: out of memory")
+        return real(self, slot, items)
+    kept = [item for item in both if not any(item[0] is nets[k] for k in dropped)]
+    monkeypatch.setattr(Patcher, "_write", dying)
+    with pytest.raises(RuntimeError, match="simulated"):
+        p.apply(kept)
+    monkeypatch.setattr(Patcher, "_write", real)
+    assert len(calls) > 12
+    _assert_same(tm.root, before)
+    p.apply(kept)
+    fresh = tiny_model("sd1", 0)
+    Patcher(fresh.root).apply(kept)
+    for (k, a), (_, b) in zip(tm.root.named_parameters(), fresh.root.named_parameters()):
+        assert torch.equal(a, b), k
+    p.restore()
+    _assert_same(tm.root, base)
 
 
 def test_kept_backups_are_reused_only_while_the_weights_are_untouched(nets):
@@ -404,6 +441,36 @@ def test_parked_weights_are_checked_at_the_next_apply(nets):
     base = _snapshot(tiny_model("sd1", 0).root)
     for n in names[:2]:
         base[n] = new_base[n]
+    _assert_same(tm.root, base)
+
+
+def test_strength_change_follows_a_moved_weight(nets):
+    """A strength change or step switch of one LoRA writes from its kept lane (two ops per weight); the host
+    moving a weight (new storage, same bits) between two generations must not leave the lane writing into
+    the old storage: the new storage gets the new strength, the old one is untouched, restore is exact."""
+    tm = tiny_model("sd1", 0)
+    base = _snapshot(tm.root)
+    p = Patcher(tm.root, keep_backups=True)
+    p.apply([(nets["lora"], Strength(0.5))])
+    p.apply([(nets["lora"], Strength(0.7))])          # the lanes are in use from here
+    p.park()
+    names = sorted(p._slots)
+    old = {}
+    with torch.no_grad():
+        for n in names[::2]:
+            param = tm.root.get_parameter(n)
+            old[n] = param.data
+            param.data = param.data.clone()
+    frozen = {n: t.clone() for n, t in old.items()}
+    assert p.verify() == 0                            # moved, not rewritten: still ours
+    p.apply([(nets["lora"], Strength(1.0))])
+    fresh = tiny_model("sd1", 0)
+    Patcher(fresh.root).apply([(nets["lora"], Strength(1.0))])
+    for (k, a), (_, b) in zip(tm.root.named_parameters(), fresh.root.named_parameters()):
+        assert torch.equal(a, b), k
+    for n, t in old.items():
+        assert torch.equal(t, frozen[n]), n           # nothing written into a storage the host left
+    p.restore()
     _assert_same(tm.root, base)
 
 

@@ -454,8 +454,8 @@ def test_builtin_weights_restored_before_ours_write(glue, monkeypatch):
 
 def test_failure_inside_apply_gives_an_image_without_networks(both, monkeypatch):
     """An out-of-memory error on the 10th weight: rolled back, the generation goes on at base, with a warning."""
-    import lib_lycoris.patcher as P
-    real, calls = P.write_weight, []
+    from lib_lycoris.patcher import Patcher
+    real, calls = Patcher._write, []    # the per-weight write
 
     def flaky(*a, **k):
         calls.append(1)
@@ -463,7 +463,7 @@ def test_failure_inside_apply_gives_an_image_without_networks(both, monkeypatch)
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
         return real(*a, **k)
     glue = both
-    monkeypatch.setattr(P, "write_weight", flaky)
+    monkeypatch.setattr(Patcher, "_write", flaky)
     snap = _snapshot(glue.tm.root)
     p = _p(glue.shared)
     cache = [None, None]           # A1111's class-level cond cache: [key (prompt, tags, ...), conds]
@@ -487,7 +487,7 @@ def test_failure_inside_apply_gives_an_image_without_networks(both, monkeypatch)
     assert p.get_conds_with_caching(lambda: "without", ["a cat"], 4, [cache], {"lora": []}) == "without"
     assert cache[0] is None
     glue.mod.EXTRA_NETWORK.deactivate(p)
-    monkeypatch.setattr(P, "write_weight", real)
+    monkeypatch.setattr(Patcher, "_write", real)
     glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:1>"))     # the next generation works
     assert not _same(glue.tm.root, snap)
     _next_without_tags_is_base(glue, p, snap)
@@ -495,13 +495,46 @@ def test_failure_inside_apply_gives_an_image_without_networks(both, monkeypatch)
     glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:1>"))
     glue.mod.EXTRA_NETWORK.deactivate(p)
     calls.clear()
-    monkeypatch.setattr(P, "write_weight", flaky)
+    monkeypatch.setattr(Patcher, "_write", flaky)
     glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:0.5> <lyco:hat:1>"))
     assert _same(glue.tm.root, snap)
-    monkeypatch.setattr(P, "write_weight", real)
+    monkeypatch.setattr(Patcher, "_write", real)
     glue.mod.EXTRA_NETWORK.deactivate(p)
     glue.mod.EXTRA_NETWORK.activate(p, _params(glue.en, "<lora:ink:0.5>"))
     _same_as_fresh(glue, [("ink", 0.5)])
+    _next_without_tags_is_base(glue, p, snap)
+
+
+def test_failure_while_taking_kept_networks_out(both, monkeypatch):
+    """A tagged image, then one without tags whose apply fails half-way (networks left in the weights are
+    being taken out, with lycoris_keep_applied): the warning names the real error, the image is made at
+    base, and the next images work."""
+    from lib_lycoris.patcher import Patcher
+    glue = both
+    net = glue.mod.EXTRA_NETWORK
+    snap = _snapshot(glue.tm.root)
+    p = _p(glue.shared)
+    net.activate(p, _params(glue.en, "<lora:ink:1> <lyco:hat:1>"))
+    tagged = _snapshot(glue.tm.root)
+    net.deactivate(p)
+    real, calls = Patcher._write, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real(*a, **k)
+    monkeypatch.setattr(Patcher, "_write", flaky)
+    p2 = _p(glue.shared)
+    net.activate(p2, _params(glue.en, "<lora:ink:1>"))     # hat taken out: written only when it was kept
+    monkeypatch.setattr(Patcher, "_write", real)
+    assert len(calls) >= 5
+    warning = p2.extra_generation_params["Lora warnings"]
+    assert "out of memory" in warning and "KeyError" not in warning, warning
+    assert _same(glue.tm.root, snap)
+    net.deactivate(p2)
+    net.activate(_p(glue.shared), _params(glue.en, "<lora:ink:1> <lyco:hat:1>"))
+    assert _same(glue.tm.root, tagged)
     _next_without_tags_is_base(glue, p, snap)
 
 
