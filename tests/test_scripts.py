@@ -302,6 +302,91 @@ def test_forge_text_encoders_found(glue, names, expected):
         assert comps["te2"] is towers["clip_g"].transformer
 
 
+def _forge_like(root):
+    """A Forge-shaped model object over a tiny SD1 model's parts (forge_objects.unet / .clip)."""
+    clip = SimpleNamespace(cond_stage_model=SimpleNamespace(
+        clip_l=SimpleNamespace(transformer=root.cond_stage_model.transformer)))
+    unet = SimpleNamespace(model=SimpleNamespace(diffusion_model=root.model.diffusion_model))
+    return SimpleNamespace(forge_objects=SimpleNamespace(unet=unet, clip=clip), root=root)
+
+
+def test_forge_frees_kept_backups_once_no_network_is_on(glue):
+    """Forge's built-in Lora frees its weight backups once no LoRA is on the model; ours then too (A1111's
+    keeps its own for the model's life, and ours stay kept there): a tag-free image after a tagged one
+    leaves the model at base with nothing of ours held."""
+    net, host = glue.mod.EXTRA_NETWORK, glue.mod.HOST
+    glue.shared.opts.lycoris_keep_applied = True
+    base = _snapshot(glue.tm.root)
+    for forge in (True, False):
+        glue.shared.sd_model = _forge_like(glue.tm.root) if forge else glue.tm.root
+        p = _p(glue.shared)
+        net.activate(p, _params(glue.en, "<lora:ink:1>"))
+        assert not _same(glue.tm.root, base)
+        net.deactivate(p)                                   # parked: its backups are in use
+        assert host._patcher.extra_memory() > 0
+        p = _p(glue.shared)
+        net.activate(p, [])
+        assert _same(glue.tm.root, base)
+        assert (host._patcher.extra_memory() == 0) == forge, forge
+        net.deactivate(p)
+
+
+@pytest.mark.parametrize("host_keeps_it", [False, True])
+def test_forge_reload_lets_the_old_model_go_before_the_new_one_loads(glue, monkeypatch, host_keeps_it):
+    """Forge builds a new model for a new checkpoint at the next generation and calls no extension before it
+    drops the old one: the guard on its forge_model_reload gives the old model its bits back and lets it go,
+    so the host's own collection frees it before the new one loads (not after, at its model-loaded
+    callback: both were alive at the peak). A model someone still holds is left exactly at base."""
+    import gc
+    import types
+    import weakref
+    import modules
+    net, host = glue.mod.EXTRA_NETWORK, glue.mod.HOST
+    glue.shared.opts.lycoris_keep_applied = True
+    model_data = SimpleNamespace(forge_hash="A", forge_loading_parameters="A", sd_model=None)
+    seen = {}
+
+    def forge_model_reload():                     # Forge's, reduced: drop, collect, load, callback
+        if model_data.forge_hash == str(model_data.forge_loading_parameters):
+            return model_data.sd_model, False
+        model_data.sd_model = glue.shared.sd_model = None
+        gc.collect()
+        seen["old alive at the load"] = old() is not None
+        new = _forge_like(tiny_model("sd1", 7).root)
+        model_data.sd_model = glue.shared.sd_model = new
+        host.model_loaded(new)
+        model_data.forge_hash = model_data.forge_loading_parameters
+        return new, True
+    sd_models, processing = types.ModuleType("modules.sd_models"), types.ModuleType("modules.processing")
+    sd_models.forge_model_reload, sd_models.model_data = forge_model_reload, model_data
+    processing.forge_model_reload = forge_model_reload          # `from modules.sd_models import ...`
+    for name, module in (("sd_models", sd_models), ("processing", processing)):
+        monkeypatch.setitem(sys.modules, f"modules.{name}", module)
+        monkeypatch.setattr(modules, name, module, raising=False)
+    assert glue.mod.install_reload_guard() and glue.mod.install_reload_guard()   # a UI reload: once
+    assert processing.forge_model_reload is sd_models.forge_model_reload is not forge_model_reload
+    assert sd_models.forge_model_reload.lycoris_original is forge_model_reload
+    tm = tiny_model("sd1", 0)
+    base = _snapshot(tm.root)
+    model_data.sd_model = glue.shared.sd_model = _forge_like(tm.root)
+    p = _p(glue.shared)
+    net.activate(p, _params(glue.en, "<lora:ink:1>"))
+    net.deactivate(p)                             # the networks stay in the old model's weights
+    assert processing.forge_model_reload()[1] is False and not _same(tm.root, base)   # nothing pending
+    old = weakref.ref(tm.root)
+    kept = tm.root if host_keeps_it else None
+    del tm, p
+    model_data.forge_loading_parameters = "B"     # the user picked another checkpoint
+    new, reloaded = processing.forge_model_reload()
+    assert reloaded and seen["old alive at the load"] == host_keeps_it
+    if host_keeps_it:
+        assert _same(kept, base)
+    p = _p(glue.shared)
+    net.activate(p, _params(glue.en, "<lora:ink:1>"))  # the new model works
+    _same_as_fresh(SimpleNamespace(dir=glue.dir, tm=SimpleNamespace(root=new.root)), [("ink", 1.0)], seed=7)
+    net.deactivate(p)
+
+
 def test_each_warning_logged_once(glue, caplog):
     """A missing network and a bad item: one log line each (the infotext and UI also carry them once)."""
     import logging

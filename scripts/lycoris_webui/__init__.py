@@ -21,14 +21,14 @@ from . import export_tab
 from .export_tab import export_current
 from .api import base_model_of, inspect_network, network_json, on_app_started, on_infotext_pasted
 from .handler import EXTRA_NETWORK, ExtraNetworkLycoris, insert_words, take_over
-from .host import HOST, MODES, SECTION, Host, model_arch, model_components, tag_name
+from .host import HOST, MODES, SECTION, Host, install_reload_guard, model_arch, model_components, tag_name
 from .page import card_item, make_editor, make_page
 from .steps import on_cfg_denoiser, splice_schedules
 
 __all__ = ["EXTRA_NETWORK", "HOST", "ExtraNetworkLycoris", "Host", "base_model_of", "before_component", "before_ui",
-           "card_item", "export_current", "insert_words", "inspect_network", "make_editor", "make_page", "model_arch",
-           "model_components", "network_json", "on_app_started", "on_cfg_denoiser", "on_infotext_pasted",
-           "register", "splice_schedules", "tag_name", "take_over"]
+           "card_item", "export_current", "insert_words", "inspect_network", "install_reload_guard", "make_editor",
+           "make_page", "model_arch", "model_components", "network_json", "on_app_started", "on_cfg_denoiser",
+           "on_infotext_pasted", "register", "splice_schedules", "tag_name", "take_over"]
 
 
 def before_ui() -> None:
@@ -62,7 +62,8 @@ def on_ui_settings() -> None:
         "lycoris_keep_backups": shared.OptionInfo(
             True, "Keep weight backups in RAM between generations", section=section).info(
             "as the built-in Lora does: the next image's networks are applied without copying the weights again; "
-            "costs the touched weights' size in RAM (for a CPU model; GPU backups are never kept)"),
+            "costs the touched weights' size in RAM (for a CPU model; GPU backups are never kept; in Forge, "
+            "freed once an image has no networks, as its built-in does)"),
         "lycoris_keep_applied": shared.OptionInfo(
             True, "Keep networks applied between generations", section=section).info(
             "as the built-in Lora does: the same networks again cost nothing, a strength change rewrites only the "
@@ -104,6 +105,7 @@ def register() -> None:
     script_callbacks.on_before_component(before_component)
     script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_model_loaded(_model_loaded)
+    install_reload_guard()       # Forge: the old model is let go before a new one loads
     script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
     script_callbacks.on_infotext_pasted(on_infotext_pasted)
     script_callbacks.on_app_started(on_app_started)

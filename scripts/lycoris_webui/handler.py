@@ -85,6 +85,7 @@ class ExtraNetworkLycoris(extra_networks.ExtraNetwork):
             act.public_warnings[:0] = [host.runtime.public_text(w) for w in parsed.warnings]
             host.activation, host.steps, host.hires = act, steps, hires
             host.processing = p
+            host.release_idle_backups(sd_model)
         for w in parsed.warnings:   # the tag parse is ours; the engine logged its own warnings
             log.warning("%s", w)
         if act.requests:

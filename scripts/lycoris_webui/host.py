@@ -222,10 +222,33 @@ class Host:
         if sd_model is not None:
             self.family(sd_model)   # one INFO line per model load: who applies its networks
 
-    def _leave_model(self, sd_model) -> None:
+    def before_reload(self) -> None:
+        """The host is about to drop the loaded model and build another (Forge's `forge_model_reload`, at the
+        generation after a checkpoint change; `install_reload_guard`): the old model gets its original bits
+        back and nothing of ours holds it any more, so the host's own unload frees it before the new one
+        loads (else both were alive at the load's peak: +5.5 GB in a CPU Forge with an SD1.5 LoCon)."""
+        with self.lock:
+            self.activation = None
+            self.processing = None
+            self._families = {}
+            self._leave_model(None, collect=False)    # the host collects right after
+
+    def release_idle_backups(self, sd_model) -> None:
+        """No network is on `sd_model` now. Forge's built-in Lora frees its weight backups then, so ours are
+        freed too on Forge; A1111's keeps its own for the model's life, so ours stay kept there."""
+        patcher = self._patcher
+        if patcher is not None and not patcher.active_networks and \
+                getattr(sd_model, "forge_objects", None) is not None:
+            freed = patcher.release_backups()
+            if freed:
+                log.info("no networks on the model: %.2f GB of kept backups freed (as Forge's Lora does)",
+                         freed / 2 ** 30)
+
+    def _leave_model(self, sd_model, collect: bool = True) -> None:
         """Drop the patcher of the last model, its weights right first: `sd_model` the same object (new weights
         loaded into it): the weights that changed are forgotten without a write, the rest restored; another
-        object: all restored (it may live on in the host's checkpoint cache and come back)."""
+        object (None: the host is about to drop it): all restored (it may live on in the host's checkpoint
+        cache and come back). collect: run the garbage collector after (the host may do it itself)."""
         with self.lock:
             old, model = self._patcher, self._patcher_model
             self._patcher = self._patcher_model = None
@@ -244,7 +267,8 @@ class Host:
                 self._families = {}
             # the patcher held the old model's modules in reference cycles: free it now, not at some later
             # collection (Forge reloading bf16 -> fp8 kept 2.2 GB of the old model alive until then)
-            gc.collect()
+            if collect:
+                gc.collect()
 
     def lowbit_changed(self) -> None:
         """The low-bit setting: the networks on low-bit weights are re-applied its way from the next image."""
@@ -284,6 +308,40 @@ class Host:
 
 
 HOST = Host()
+
+
+def install_reload_guard() -> bool:
+    """Forge builds a new model object for a new checkpoint, lazily in `forge_model_reload` at the next
+    generation, and calls no extension before it drops the old one. Wrap that function (in
+    `modules.sd_models`, and in `modules.processing`, which imported it by name) so that `HOST.before_reload`
+    runs when a reload is pending. Returns whether installed; elsewhere (A1111) nothing is wrapped. Run again
+    (a UI reload runs the scripts again, with a new HOST), it wraps the host's original anew."""
+    try:
+        from modules import sd_models
+    except ImportError:
+        return False
+    current = getattr(sd_models, "forge_model_reload", None)
+    model_data = getattr(sd_models, "model_data", None)
+    if current is None or not hasattr(model_data, "forge_loading_parameters"):
+        return False
+    original = getattr(current, "lycoris_original", current)
+
+    def forge_model_reload(*args, **kwargs):
+        if getattr(model_data, "forge_hash", None) != str(model_data.forge_loading_parameters):  # Forge's own test
+            HOST.before_reload()
+        return original(*args, **kwargs)
+    forge_model_reload.lycoris_original = original
+    forge_model_reload.__doc__ = original.__doc__
+    modules = [sd_models]
+    try:
+        from modules import processing
+        modules.append(processing)
+    except ImportError:
+        log.debug("modules.processing not importable: only sd_models.forge_model_reload is wrapped")
+    for module in modules:
+        if getattr(module, "forge_model_reload", None) in (current, original):
+            module.forge_model_reload = forge_model_reload
+    return True
 
 
 def tag_name(entry) -> str:
