@@ -242,7 +242,7 @@ class Host:
             freed = patcher.release_backups()
             if freed:
                 log.info("no networks on the model: %.2f GB of kept backups freed (as Forge's Lora does)",
-                         freed / 2 ** 30)
+                         freed / 1e9)
 
     def _leave_model(self, sd_model, collect: bool = True) -> None:
         """Drop the patcher of the last model, its weights right first: `sd_model` the same object (new weights
