@@ -385,6 +385,10 @@ def test_forge_reload_lets_the_old_model_go_before_the_new_one_loads(glue, monke
     net.activate(p, _params(glue.en, "<lora:ink:1>"))  # the new model works
     _same_as_fresh(SimpleNamespace(dir=glue.dir, tm=SimpleNamespace(root=new.root)), [("ink", 1.0)], seed=7)
     net.deactivate(p)
+    with monkeypatch.context() as m:              # our part failing never stops the host's load
+        m.setattr(host, "before_reload", lambda: {}["boom"])
+        model_data.forge_loading_parameters = "C"
+        assert processing.forge_model_reload()[1] is True
 
 
 def test_each_warning_logged_once(glue, caplog):

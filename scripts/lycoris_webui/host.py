@@ -328,7 +328,10 @@ def install_reload_guard() -> bool:
 
     def forge_model_reload(*args, **kwargs):
         if getattr(model_data, "forge_hash", None) != str(model_data.forge_loading_parameters):  # Forge's own test
-            HOST.before_reload()
+            try:
+                HOST.before_reload()
+            except Exception:    # never in the way of the host's load: the model-loaded callback follows
+                log.exception("letting the old model go before the reload failed")
         return original(*args, **kwargs)
     forge_model_reload.lycoris_original = original
     forge_model_reload.__doc__ = original.__doc__
