@@ -288,7 +288,7 @@ class _Slot:
     sealed: Optional[tuple] = None   # `park`: (data_ptr, version, sample bits) of the weight as written
     # one plain-LoRA network merged in place: what its next write needs, so a strength change or step
     # switch costs two tensor ops (`write_lora`): (key, (dtype, shape, device) of the weight, backup,
-    # backup as (rows, cols), up, down, scale); dropped with the routes
+    # backup as (rows, cols), up, down, scale); dropped whenever the routes are recomputed (`_route_slot`)
     lane: Optional[tuple] = None
     live: bool = False         # param and bias_param were looked up in this apply (`_route_slot` needn't)
     # contributions of networks dropped from the set while `applied` still holds them: a rollback of the
@@ -300,7 +300,7 @@ class _Slot:
         held = {k for k, _ in self.applied}
         self.retired.update((k, c) for k, c in self.contribs.items() if k[0] == key and k in held)
         self.contribs = {k: c for k, c in self.contribs.items() if k[0] != key}
-        self.routes = self.ms = self.lane = None
+        self.routes = self.ms = None
 
     def contribution(self, k: tuple) -> Contribution:
         """The contribution (key, body) names: an active one, or a retired one still in the weight."""
@@ -641,7 +641,7 @@ class Patcher:
             for target, body, contribution in comp.contribs:
                 slot = self._slot(target)
                 slot.contribs[(key, body)] = contribution
-                slot.routes = slot.ms = slot.lane = None
+                slot.routes = slot.ms = None
 
     def _slot(self, target: Target) -> _Slot:
         """The slot of the whole weight `target` names (one per parameter, whatever rows a network covers)."""
@@ -870,14 +870,12 @@ class Patcher:
         """(up, down) of a plain-LoRA contribution on `device` in `dtype`, converted once per set and cached
         (`_Compiled`: kept across restore while the same set comes back)."""
         comp = self._compiled.get(key[0])
-        if comp is None or key not in slot.contribs:     # a retired network (a rollback): not cached
-            low = slot.contribution(key).low_rank(device)
-            return None if low is None else (low[0].to(dtype).contiguous(), low[1].to(dtype).contiguous())
-        cache = comp.factors
+        # a retired network's (a rollback) are converted without being cached
+        cache = comp.factors if comp is not None and key in slot.contribs else {}
         k = (slot.target.weight, key[1], device, dtype)
         f = cache.get(k, False)
         if f is False:
-            low = slot.contribs[key].low_rank(device)
+            low = slot.contribution(key).low_rank(device)
             f = cache[k] = None if low is None else (low[0].to(dtype).contiguous(), low[1].to(dtype).contiguous())
         return f
 
@@ -889,18 +887,19 @@ class Patcher:
             self._write_stochastic(slot, items)    # `_route` merges no other low-bit weight
             return
         w = slot.view()
-        lane = slot.lane
-        if len(items) == 1 and (lane is None or items[0][0] != lane[0] or slot.backup is not lane[2] or
-                                lane[1] != (w.dtype, w.shape, w.device) or not w.is_contiguous()):
-            self._ensure_backup(slot)
-            lane = slot.lane = self._lane(slot, items[0][0], w)    # one network: made at its first write
-        if len(items) == 1 and lane is not None:
-            # the bits of write_weight's plain-LoRA branch, without building its terms; the weight itself
-            # is not kept: a tensor the host moved is written where it is now
-            write_lora(w if w.dim() == 2 else w.view(lane[3].shape), lane[3], lane[4], lane[5],
-                       items[0][1] * lane[6], holds_base=not slot.applied)
-            return
-        if len(items) != 1:
+        if len(items) == 1:      # one network: its lane, made at its first write
+            lane = slot.lane
+            if lane is None or items[0][0] != lane[0] or slot.backup is not lane[2] or \
+                    lane[1] != (w.dtype, w.shape, w.device) or not w.is_contiguous():
+                self._ensure_backup(slot)
+                lane = slot.lane = self._lane(slot, items[0][0], w)
+            if lane is not None:
+                # the bits of write_weight's plain-LoRA branch, without building its terms; the weight
+                # itself is not kept: a tensor the host moved is written where it is now
+                write_lora(w if w.dim() == 2 else w.view(lane[3].shape), lane[3], lane[4], lane[5],
+                           items[0][1] * lane[6], holds_base=not slot.applied)
+                return
+        else:
             self._ensure_backup(slot)
         dev = w.device
         base = slot.backup if slot.backup.device == dev else slot.backup.to(dev, non_blocking=True)
@@ -920,8 +919,8 @@ class Patcher:
         branch does not apply: another type, a bias delta, a weight summed in float32 (fp16/bf16 with
         compute='float32'), a backup elsewhere (backup='cpu') or not contiguous."""
         base = slot.backup
-        if slot.bias_backup is not None or not (w.dtype == torch.float32 or self.compute == "weight") or \
-                base.device != w.device or not (w.is_contiguous() and base.is_contiguous()):
+        if slot.bias_backup is not None or not lora_in_place(w, self.compute) or base.device != w.device or \
+                not base.is_contiguous():
             return None
         f = self._factors(slot, key, w.device, w.dtype if self.compute == "weight" else torch.float32)
         if f is None:
@@ -1006,7 +1005,7 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32",
     if not terms:
         w.copy_(base)
         return
-    direct = w.is_contiguous() and (w.dtype == torch.float32 or compute == "weight")
+    direct = lora_in_place(w, compute)
     lr = [(f, c, m) for c, m, f in terms if f is not None]
     other = [(c, m) for c, m, f in terms if f is None]
     if lr and not other and direct:
@@ -1058,6 +1057,12 @@ def write_weight(w: Tensor, base: Tensor, terms: list, compute: str = "float32",
         acc.copy_(base)
     if acc is not w:
         w.copy_(acc)
+
+
+def lora_in_place(w: Tensor, compute: str) -> bool:
+    """Plain-LoRA terms are written straight into w by `write_lora` (a float32 weight, or any dtype with
+    compute='weight', stored contiguously); else they are summed in float32 and rounded once."""
+    return w.is_contiguous() and (w.dtype == torch.float32 or compute == "weight")
 
 
 def write_lora(w2: Tensor, base2: Tensor, up: Tensor, down: Tensor, alpha: float, holds_base: bool) -> None:

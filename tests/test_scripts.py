@@ -541,16 +541,25 @@ def test_builtin_weights_restored_before_ours_write(glue, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # Faults a long-running WebUI meets
 
-def test_failure_inside_apply_gives_an_image_without_networks(both, monkeypatch):
-    """An out-of-memory error on the 10th weight: rolled back, the generation goes on at base, with a warning."""
+def _oom_at_write(n: int, calls: list):
+    """A stand-in for `Patcher._write` (the per-weight write) whose n-th call raises a simulated CUDA
+    out-of-memory error; each call is appended to `calls`."""
     from lib_lycoris.patcher import Patcher
-    real, calls = Patcher._write, []    # the per-weight write
+    real = Patcher._write
 
     def flaky(*a, **k):
         calls.append(1)
-        if len(calls) == 10:
+        if len(calls) == n:
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
         return real(*a, **k)
+    return flaky
+
+
+def test_failure_inside_apply_gives_an_image_without_networks(both, monkeypatch):
+    """An out-of-memory error on the 10th weight: rolled back, the generation goes on at base, with a warning."""
+    from lib_lycoris.patcher import Patcher
+    real, calls = Patcher._write, []
+    flaky = _oom_at_write(10, calls)
     glue = both
     monkeypatch.setattr(Patcher, "_write", flaky)
     snap = _snapshot(glue.tm.root)
@@ -607,13 +616,7 @@ def test_failure_while_taking_kept_networks_out(both, monkeypatch):
     tagged = _snapshot(glue.tm.root)
     net.deactivate(p)
     real, calls = Patcher._write, []
-
-    def flaky(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
-        return real(*a, **k)
-    monkeypatch.setattr(Patcher, "_write", flaky)
+    monkeypatch.setattr(Patcher, "_write", _oom_at_write(5, calls))
     p2 = _p(glue.shared)
     net.activate(p2, _params(glue.en, "<lora:ink:1>"))     # hat taken out: written only when it was kept
     monkeypatch.setattr(Patcher, "_write", real)

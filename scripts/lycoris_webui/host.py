@@ -214,11 +214,7 @@ class Host:
         """A new checkpoint. New weights in the same object: the weights it changed are forgotten without a
         write (their backups are stale), the others restored. Another object: the old model, if it still
         holds networks (parked), gets its original bits back (A1111 may keep it in its checkpoint cache)."""
-        with self.lock:
-            self.activation = None
-            self.processing = None
-            self._families = {}
-            self._leave_model(sd_model)
+        self._model_changes(sd_model)
         if sd_model is not None:
             self.family(sd_model)   # one INFO line per model load: who applies its networks
 
@@ -227,11 +223,16 @@ class Host:
         generation after a checkpoint change; `install_reload_guard`): the old model gets its original bits
         back and nothing of ours holds it any more, so the host's own unload frees it before the new one
         loads (else both were alive at the load's peak: +5.5 GB in a CPU Forge with an SD1.5 LoCon)."""
+        self._model_changes(None, collect=False)    # the host collects right after
+
+    def _model_changes(self, sd_model, collect: bool = True) -> None:
+        """The host changes the loaded model (`sd_model`: the new one, None: not there yet): no generation state
+        or family of the last one is kept, and its patcher goes (`_leave_model`)."""
         with self.lock:
             self.activation = None
             self.processing = None
             self._families = {}
-            self._leave_model(None, collect=False)    # the host collects right after
+            self._leave_model(sd_model, collect)
 
     def release_idle_backups(self, sd_model) -> None:
         """No network is on `sd_model` now. Forge's built-in Lora frees its weight backups then, so ours are
